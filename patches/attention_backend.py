@@ -1,0 +1,82 @@
+"""The ``kvtier`` attention backend, registered in SGLang's attention registry.
+
+Registration: ``sglang.srt.layers.attention.attention_registry.register_attention_backend``
+and ``sglang.srt.arg_groups.choices.add_attention_backend_choices`` (SGLang 0.5.23).
+
+On CPU it is SGLang's ``TorchNativeAttnBackend`` with the two per-request attention loops
+replaced by :mod:`sgl_kvtier.attention.dense`: an extend attends only its new tokens to the
+cached prefix instead of recomputing the whole ``seq_len x seq_len`` attention. Cases the
+dense core does not cover (encoder-decoder, cross-attention, sliding windows, non-causal)
+go to the inherited implementation unchanged. On a GPU the factory returns SGLang's
+FlashInfer backend.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+from sglang.srt.layers.attention.attention_registry import (ATTENTION_BACKENDS,
+                                                            register_attention_backend)
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+from sgl_kvtier.attention.dense import decode_attention, extend_attention
+
+log = logging.getLogger("sgl_kvtier")
+NAME = "kvtier"
+
+
+class KVTierAttnBackend(TorchNativeAttnBackend):
+    """CPU dense path: prefix-aware extend, head-folded decode."""
+
+    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token,
+                                 req_pool_indices, seq_lens, extend_prefix_lens,
+                                 extend_seq_lens, encoder_lens=None, scaling=None,
+                                 enable_gqa=False, causal=False, is_cross_attn=False,
+                                 sliding_window_size=None):
+        if encoder_lens is not None or not causal or sliding_window_size is not None:
+            return super()._run_sdpa_forward_extend(
+                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                extend_prefix_lens, extend_seq_lens, encoder_lens, scaling, enable_gqa,
+                causal, is_cross_attn, sliding_window_size)
+        start = 0
+        for row, total, prefix, n in zip(req_pool_indices.tolist(), seq_lens.tolist(),
+                                         extend_prefix_lens.tolist(), extend_seq_lens.tolist()):
+            k, v = self._gather(k_cache, v_cache, req_to_token[row, :total], query.dtype)
+            output[start:start + n] = extend_attention(query[start:start + n], k, v, prefix,
+                                                       scaling)
+            start += n
+        return output
+
+    def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token,
+                                 req_pool_indices, seq_lens, encoder_lens=None, scaling=None,
+                                 enable_gqa=False, causal=False, is_cross_attn=False,
+                                 sliding_window_size=None):
+        if encoder_lens is not None or sliding_window_size is not None:
+            return super()._run_sdpa_forward_decode(
+                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+        for i, (row, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+            k, v = self._gather(k_cache, v_cache, req_to_token[row, :total], query.dtype)
+            output[i:i + 1] = decode_attention(query[i:i + 1], k, v, scaling)
+        return output
+
+    @staticmethod
+    def _gather(k_cache, v_cache, slots, dtype):
+        k, v = k_cache[slots], v_cache[slots]
+        return (k, v) if k.dtype == dtype else (k.to(dtype), v.to(dtype))
+
+
+def _create(model_runner):
+    if str(model_runner.device).startswith("cpu"):
+        log.info("sgl_kvtier: attention backend kvtier: dense prefix-aware attention on CPU")
+        return KVTierAttnBackend(model_runner)
+    log.info("sgl_kvtier: attention backend kvtier: FlashInfer on %s", model_runner.device)
+    return ATTENTION_BACKENDS["flashinfer"](model_runner)
+
+
+def install() -> None:
+    """Idempotent: registers the factory and the ``--attention-backend`` choice."""
+    if NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([NAME])
+    register_attention_backend(NAME)(_create)

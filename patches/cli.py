@@ -1,0 +1,104 @@
+"""``--enable-kvtier`` and ``--kvtier-config`` on SGLang's command line.
+
+Targets (verified on SGLang 0.5.23):
+
+- ``sglang.srt.server_args.ServerArgs.add_cli_args`` (AROUND): adds the two flags, so they
+  show in ``launch_server --help`` and work in ``--config`` files.
+- ``sglang.srt.server_args.ServerArgs.from_cli_args`` (AFTER): validates the kvtier YAML
+  (a mistake ends the process before the model loads), stores the parsed config on the
+  record as ``_kvtier`` (underscore attributes survive the pickling into the scheduler
+  process), selects the ``kvtier`` attention backend and prepares CPU-only hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from sgl_kvtier import __version__
+from sgl_kvtier.config import ConfigError, KVTierConfig, load_config
+from sgl_kvtier.patches import _state
+
+log = logging.getLogger("sgl_kvtier")
+
+
+
+def _add_cli_args(original, parser: argparse.ArgumentParser, *args, **kwargs):
+    result = original(parser, *args, **kwargs)
+    group = parser.add_argument_group("sgl_kvtier")
+    group.add_argument(
+        "--enable-kvtier", action="store_true",
+        help="Turn on sgl_kvtier: the kvtier attention backend (prefix-aware dense attention "
+             "on CPU, FlashInfer on GPU) plus the features enabled in --kvtier-config. On a "
+             "host without an NVIDIA driver and with --device cpu it also provides a "
+             "no-device libcuda shim and SGLANG_USE_CPU_ENGINE=1 for the server processes.")
+    group.add_argument(
+        "--kvtier-config", metavar="FILE.yaml", default=None,
+        help="YAML file with the sections tier (NVMe prefix tier), prefill (bidirectional "
+             "prefill) and sparse (sparse decode). Unknown keys and wrong types are rejected "
+             "before the model loads. Without it every setting has its default. Only read "
+             "with --enable-kvtier.")
+    return result
+
+
+def _from_cli_args(server_args, cls, args: argparse.Namespace):
+    if not getattr(args, "enable_kvtier", False):
+        if getattr(args, "kvtier_config", None):
+            log.warning("sgl_kvtier: --kvtier-config is ignored without --enable-kvtier")
+        return server_args
+    try:
+        config = load_config(args.kvtier_config)
+    except ConfigError as e:
+        print(e, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    server_args._kvtier = {"config": config.model_dump(), "config_path": args.kvtier_config}
+    _select_attention_backend(server_args, args)
+    if args.device == "cpu":
+        _prepare_cpu_host()
+    # Spawned SGLang processes re-run the plugin; this tells them kvtier is on before
+    # they can see the server arguments.
+    os.environ[_state.ENABLE_ENV] = "1"
+    _state.mark_enabled()
+    log.info("%s", banner(config, server_args))
+    return server_args
+
+
+def _select_attention_backend(server_args, args: argparse.Namespace) -> None:
+    chosen = args.attention_backend
+    if chosen in (None, "kvtier"):
+        server_args.attention_backend = "kvtier"
+    else:
+        log.warning("sgl_kvtier: --attention-backend %s given explicitly; the kvtier attention "
+                    "backend is not used", chosen)
+
+
+def _prepare_cpu_host() -> None:
+    """Driver shim and CPU-engine switch, for this process and every child it spawns."""
+    from sgl_kvtier import cuda_shim
+
+    shim = cuda_shim.activate()
+    if shim is not None:
+        log.info("sgl_kvtier: no NVIDIA driver found; using the no-device shim %s", shim)
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    # SGLang caches these probes on first use, which happened at import time.
+    from sglang.srt.utils import common
+
+    common.is_cpu.cache_clear()
+
+
+HOOKS = [("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AROUND),
+         ("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AFTER)]
+
+
+def banner(config: KVTierConfig, server_args) -> str:
+    from sgl_kvtier.patches._compat import sglang_version
+
+    features = ", ".join(config.features()) or "none"
+    attention = getattr(server_args, "attention_backend", None)
+    return (f"sgl_kvtier {__version__} on SGLang {sglang_version()}: enabled; attention backend "
+            f"{attention}; features: {features}; config "
+            f"{server_args._kvtier['config_path'] or '(defaults)'}")

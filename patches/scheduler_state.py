@@ -1,0 +1,32 @@
+"""Expose what the scheduler process received, through SGLang's ``/get_server_info``.
+
+Target (SGLang 0.5.23): ``sglang.srt.managers.scheduler.Scheduler.get_internal_state``
+(AFTER). Adds ``internal_states[i]["kvtier"]``: the kvtier configuration as the scheduler
+parsed it from its server arguments, its process id and the attention backend in use.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from sgl_kvtier.config import KVTierConfig
+
+
+def _get_internal_state(result, scheduler, *args, **kwargs):
+    received = getattr(scheduler.server_args, "_kvtier", None)
+    if received is None:
+        return result
+    runner = scheduler.tp_worker.model_runner
+    result.internal_state["kvtier"] = {
+        "config": KVTierConfig.model_validate(received["config"]).model_dump(),
+        "config_path": received["config_path"],
+        "scheduler_pid": os.getpid(),
+        "attention_backend": type(runner.attn_backend).__name__,
+    }
+    return result
+
+
+HOOKS = [("sglang.srt.managers.scheduler.Scheduler.get_internal_state", _get_internal_state,
+          HookType.AFTER)]

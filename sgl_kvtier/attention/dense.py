@@ -1,0 +1,104 @@
+"""Prefix-aware dense attention in plain PyTorch (the CPU path of the kvtier backend).
+
+SGLang's ``torch_native`` backend pads the queries of an extend up to the whole sequence
+and runs a full ``seq_len x seq_len`` causal attention, so one new token after a 4k cached
+prefix costs as much as the whole prompt. Here only the new tokens are queries; the mask
+is causal with an offset of ``prefix_len``.
+
+Grouped-query attention is handled by folding the query heads of a group into the query
+length (``[H_q, n, D] -> [H_kv, G*n, D]``), so keys and values are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+__all__ = ["extend_attention", "decode_attention", "extend_attention_ref"]
+
+
+def _fold_heads(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    # [n, H_q, D] -> [H_kv, G*n, D]; query head h belongs to KV head h // G.
+    n, h_q, d = q.shape
+    g = h_q // num_kv_heads
+    return q.view(n, num_kv_heads, g, d).permute(1, 2, 0, 3).reshape(num_kv_heads, g * n, d)
+
+
+def _unfold_heads(o: torch.Tensor, n: int) -> torch.Tensor:
+    # [H_kv, G*n, Dv] -> [n, H_q, Dv]
+    h_kv, gn, dv = o.shape
+    g = gn // n
+    return o.view(h_kv, g, n, dv).permute(2, 0, 1, 3).reshape(n, h_kv * g, dv)
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal attention of ``n`` new tokens over a cached prefix plus themselves.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(n, H_q, D)``, queries of the new tokens (positions ``prefix_len ..``).
+    k, v : torch.Tensor
+        ``(prefix_len + n, H_kv, D)`` and ``(prefix_len + n, H_kv, Dv)``; ``H_q`` must be
+        a multiple of ``H_kv``.
+    prefix_len : int
+        Number of cached tokens before the first query.
+    scale : float, optional
+        Softmax scale; ``1/sqrt(D)`` when omitted.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, H_q, Dv)``.
+    """
+    n, h_q, _ = q.shape
+    kv_len, h_kv, _ = k.shape
+    assert kv_len == prefix_len + n and h_q % h_kv == 0, (q.shape, k.shape, prefix_len)
+    kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+    if prefix_len == 0:
+        # The same call torch_native makes for a prompt without cached prefix, so a cold
+        # prefill is bit-identical to it.
+        out = sdpa(q.transpose(0, 1).unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0),
+                   scale=scale, is_causal=True, enable_gqa=h_q != h_kv)
+        return out.squeeze(0).transpose(0, 1)
+    rows = torch.arange(prefix_len, kv_len, device=q.device).unsqueeze(1)
+    mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows  # [n, kv_len]
+    mask = mask.repeat(h_q // h_kv, 1)  # rows ordered (group member, token)
+    out = sdpa(_fold_heads(q, h_kv), kt, vt, attn_mask=mask, scale=scale)
+    return _unfold_heads(out, n)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One query token per request over its whole cache.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(1, H_q, D)``.
+    k, v : torch.Tensor
+        ``(L, H_kv, D)`` and ``(L, H_kv, Dv)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, H_q, Dv)``.
+    """
+    h_kv = k.shape[1]
+    out = sdpa(_fold_heads(q, h_kv), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
+    return _unfold_heads(out, 1)
+
+
+def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """Reference: explicit softmax in float32 with repeated KV heads; same shapes."""
+    n, h_q, d = q.shape
+    g = h_q // k.shape[1]
+    kf = k.float().repeat_interleave(g, dim=1).transpose(0, 1)  # [H_q, L, D]
+    vf = v.float().repeat_interleave(g, dim=1).transpose(0, 1)
+    scores = q.float().transpose(0, 1) @ kf.transpose(1, 2) * (scale or d ** -0.5)
+    pos_q = torch.arange(prefix_len, prefix_len + n, device=q.device).unsqueeze(1)
+    allowed = torch.arange(k.shape[0], device=q.device).unsqueeze(0) <= pos_q
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ vf).transpose(0, 1).to(q.dtype)

@@ -1,0 +1,169 @@
+"""The one typed configuration of sgl_kvtier, loaded from YAML.
+
+The file has three sections, each optional::
+
+    tier:     # NVMe tier under SGLang's radix prefix cache
+    prefill:  # Cake-style bidirectional prefill
+    sparse:   # ShadowKV-style sparse decode
+
+Validation is pydantic's (strict types, unknown keys rejected); this module only turns
+its errors into one line that names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+__all__ = ["KVTierConfig", "TierConfig", "PrefillConfig", "SparseConfig", "ConfigError",
+           "load_config", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+_SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, worded as one line for the operator."""
+
+
+def parse_size(value: Any) -> int:
+    """Parse a byte size such as ``4096``, ``"512MiB"`` or ``"10GB"`` into bytes.
+
+    Raises
+    ------
+    ValueError
+        For negative sizes, unknown units and non-size values.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes or a string like '10GB'")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        number, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ValueError("expected a size in bytes or a string like '10GB'")
+    if unit not in _UNITS:
+        raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    if number < 0:
+        raise ValueError("expected a non-negative size")
+    return int(number * _UNITS[unit])
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TierConfig(_Section):
+    """NVMe tier: radix-cache prefixes spill to local disk and come back."""
+
+    enabled: bool = False
+    path: str = "~/.cache/sgl_kvtier/tier"
+    chunk_tokens: int = Field(256, gt=0, description="tokens per chunk file")
+    capacity: Size = Field(parse_size("64GiB"), description="disk bytes the tier may use")
+    admission: Literal["always", "second_hit"] = "second_hit"
+    read_bandwidth_limit: Size | None = Field(None, description="emulated read cap, bytes/s")
+
+
+class PrefillConfig(_Section):
+    """Bidirectional prefill: compute from the front while loading from the back."""
+
+    enabled: bool = False
+    chunk_tokens: int = Field(512, gt=0, description="tokens per compute chunk")
+    min_prefix_tokens: int = Field(1024, ge=0, description="shorter disk hits just load")
+
+
+class SparseConfig(_Section):
+    """Sparse decode: low-rank keys and landmarks on device, values in host memory."""
+
+    enabled: bool = False
+    min_context_tokens: int = Field(4096, gt=0, description="shorter contexts stay dense")
+    token_budget: int = Field(2048, gt=0, description="selected tokens per KV head per step")
+    chunk_tokens: int = Field(8, gt=0, description="tokens per landmark chunk")
+    rank: int = Field(160, gt=0, description="rank of the pre-RoPE key factorisation")
+    outlier_chunks: int = Field(48, ge=0)
+    local_tokens: int = Field(32, ge=0, description="most recent tokens kept dense")
+    kernel: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
+
+
+# Features whose implementation has not landed yet. Enabling one is refused at parse time
+# rather than silently ignored.
+_NOT_YET = {"tier": "the NVMe tier", "prefill": "bidirectional prefill",
+            "sparse": "sparse decode"}
+
+
+class KVTierConfig(_Section):
+    """Everything ``--kvtier-config FILE.yaml`` can set; every field has a default."""
+
+    tier: TierConfig = TierConfig()
+    prefill: PrefillConfig = PrefillConfig()
+    sparse: SparseConfig = SparseConfig()
+
+    def features(self) -> list[str]:
+        """Names of the enabled sections, in a fixed order."""
+        return [name for name in ("tier", "prefill", "sparse") if getattr(self, name).enabled]
+
+
+def load_config(path: str | Path | None) -> KVTierConfig:
+    """Read and validate a kvtier YAML file; ``None`` gives the defaults.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file, the key and what was expected.
+    """
+    if path is None:
+        return KVTierConfig()
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"kvtier config {where}: cannot read the file ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"kvtier config {where}: not valid YAML{line}") from None
+    return config_from_dict({} if data is None else data, where)
+
+
+def config_from_dict(data: Any, where: str = "<dict>") -> KVTierConfig:
+    """Validate an already-parsed mapping; see :func:`load_config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"kvtier config {where}: (top level): expected a mapping with "
+                          f"sections tier, prefill, sparse; got {type(data).__name__}")
+    try:
+        config = KVTierConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"kvtier config {where}: {_describe(e)}") from None
+    for name in config.features():
+        if name in _NOT_YET:
+            raise ConfigError(f"kvtier config {where}: {name}.enabled: {_NOT_YET[name]} is "
+                              f"not available in this version of sgl_kvtier; expected false")
+    return config
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        parent = first["loc"][:-1]
+        model = KVTierConfig
+        for part in parent:
+            model = model.model_fields[part].annotation
+        allowed = ", ".join(model.model_fields)
+        what = f"unknown key; expected one of: {allowed}"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        what = f"{msg[0].lower()}{msg[1:]}; got {first['input']!r}"
+    more = error.error_count() - 1
+    return f"{key}: {what}" + (f" (and {more} more error{'s' * (more > 1)})" if more else "")

@@ -1,0 +1,173 @@
+"""Start, query and stop an SGLang server as a child process (for demos, tests, evals).
+
+The server runs in its own process group on a free loopback port, writes its log to a
+file, and is stopped with its whole group (scheduler and detokenizer included) on
+``stop()``, on leaving the ``with`` block, and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+__all__ = ["Server", "ServerError", "Generation", "free_port"]
+
+
+class ServerError(RuntimeError):
+    """The server failed to start or to answer; the message ends with its log's tail."""
+
+
+@dataclass
+class Generation:
+    """One streamed ``/generate`` call, timed on the client."""
+
+    text: str
+    output_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float  # request sent -> first streamed chunk
+    total_s: float
+    token_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def decode_s_per_token(self) -> float:
+        """Mean time between streamed tokens after the first (NaN for one token)."""
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Server:
+    """``python -m sglang.launch_server ARGS`` on ``127.0.0.1:<free port>``.
+
+    Parameters
+    ----------
+    args : list of str
+        Server arguments, passed verbatim (``--host``/``--port`` are added).
+    log_path : Path
+        File receiving the server's stdout and stderr.
+    env : dict, optional
+        Extra environment variables for the server process.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 startup_timeout: float = 300.0):
+        self.args, self.log_path = list(args), Path(log_path)
+        self.env = {**os.environ, **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "sglang.launch_server", *self.args,
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env,
+                                         start_new_session=True)
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with status {self.proc.returncode} during "
+                                  f"start-up; last lines of {self.log_path}:\n"
+                                  f"{_tail(self.log_path)}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"server not ready after {self.startup_timeout:.0f} s; last lines "
+                          f"of {self.log_path}:\n{_tail(self.log_path)}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Terminate the server's process group; kill it if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                # The leader is gone; children in the group may still be exiting.
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
+                 timeout: float = 600.0, **sampling) -> Generation:
+        """Greedy (unless ``sampling`` says otherwise) streamed generation, timed."""
+        body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                    **sampling}, "stream": True}
+        body["input_ids" if isinstance(prompt, list) else "text"] = prompt
+        start = time.perf_counter()
+        times, last = [], None
+        with requests.post(f"{self.url}/generate", json=body, stream=True,
+                           timeout=timeout) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise ServerError(f"generation failed: {chunk['error']}")
+                times.append(time.perf_counter() - start)
+                last = chunk
+        if last is None:
+            raise ServerError("the server streamed no output")
+        meta = last["meta_info"]
+        return Generation(text=last["text"], output_ids=last.get("output_ids", []),
+                          prompt_tokens=meta["prompt_tokens"],
+                          cached_tokens=meta.get("cached_tokens", 0), ttft_s=times[0],
+                          total_s=times[-1], token_times=times)
+
+    def flush_cache(self) -> None:
+        requests.post(f"{self.url}/flush_cache", timeout=60).raise_for_status()
+
+    def server_info(self) -> dict:
+        return requests.get(f"{self.url}/get_server_info", timeout=30).json()
