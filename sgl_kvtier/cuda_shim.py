@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sgl_kvtier.paths import cache_dir
 
-__all__ = ["activate", "build", "has_real_driver", "imported_symbols", "shim_path"]
+__all__ = ["activate", "build", "cpu_engine_env", "has_real_driver", "imported_symbols", "shim_path"]
 
 log = logging.getLogger(__name__)
 SONAME = "libcuda.so.1"
@@ -155,6 +155,19 @@ def activate() -> Path | None:
     if str(path.parent) not in dirs:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([str(path.parent)] + [d for d in dirs if d])
     return path
+
+
+def cpu_engine_env() -> dict[str, str]:
+    """Environment for a *stock* SGLang CPU server (no ``--enable-kvtier``) on this host.
+
+    ``--enable-kvtier --device cpu`` sets this up by itself; a stock server needs it given.
+    """
+    env = {"SGLANG_USE_CPU_ENGINE": "1"}
+    if not has_real_driver():
+        shim_dir = str(build().parent)
+        old = os.environ.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = shim_dir + (os.pathsep + old if old else "")
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,111 @@
+"""The kvtier YAML: defaults, valid files, and one clear line for each kind of mistake."""
+
+import pytest
+
+from sgl_kvtier.config import ConfigError, KVTierConfig, config_from_dict, load_config, parse_size
+
+
+def write(tmp_path, text):
+    path = tmp_path / "kvtier.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_for(path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+def test_defaults_without_a_file():
+    config = load_config(None)
+    assert config == KVTierConfig()
+    assert config.tier.chunk_tokens == 256 and config.sparse.token_budget == 2048
+    assert config.features() == []
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == KVTierConfig()
+
+
+def test_valid_file_overrides_only_what_it_names(tmp_path):
+    path = write(tmp_path, "tier:\n  chunk_tokens: 128\n  capacity: 2GiB\n"
+                           "sparse:\n  token_budget: 1024\n  kernel: torch\n")
+    config = load_config(path)
+    assert config.tier.chunk_tokens == 128
+    assert config.tier.capacity == 2 * 2**30
+    assert config.sparse.token_budget == 1024 and config.sparse.kernel == "torch"
+    assert config.prefill == KVTierConfig().prefill
+
+
+def test_unknown_key_names_key_and_choices(tmp_path):
+    message = error_for(write(tmp_path, "tier:\n  chunk_tokenz: 128\n"))
+    assert "tier.chunk_tokenz: unknown key" in message
+    assert "chunk_tokens" in message
+
+
+def test_unknown_section(tmp_path):
+    message = error_for(write(tmp_path, "nvme:\n  path: /tmp\n"))
+    assert "nvme: unknown key; expected one of: tier, prefill, sparse" in message
+
+
+def test_wrong_type_is_not_coerced(tmp_path):
+    message = error_for(write(tmp_path, "tier:\n  chunk_tokens: '128'\n"))
+    assert "tier.chunk_tokens:" in message and "integer" in message and "'128'" in message
+
+
+def test_wrong_choice(tmp_path):
+    message = error_for(write(tmp_path, "sparse:\n  kernel: cuda\n"))
+    assert "sparse.kernel:" in message and "'triton'" in message
+
+
+@pytest.mark.parametrize("value", ["-1", "-5GB", "'-1'"])
+def test_negative_size(tmp_path, value):
+    message = error_for(write(tmp_path, f"tier:\n  capacity: {value}\n"))
+    assert "tier.capacity: expected a non-negative size" in message
+
+
+def test_non_positive_count(tmp_path):
+    message = error_for(write(tmp_path, "tier:\n  chunk_tokens: 0\n"))
+    assert "tier.chunk_tokens: input should be greater than 0" in message
+
+
+def test_unreadable_file(tmp_path):
+    message = error_for(tmp_path / "missing.yaml")
+    assert "cannot read the file" in message
+
+
+def test_invalid_yaml(tmp_path):
+    message = error_for(write(tmp_path, "tier: [unclosed\n"))
+    assert "not valid YAML at line" in message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    message = error_for(write(tmp_path, "- tier\n"))
+    assert "(top level): expected a mapping" in message
+
+
+@pytest.mark.parametrize("section", ["tier", "prefill", "sparse"])
+def test_features_not_built_yet_are_refused(section):
+    with pytest.raises(ConfigError, match=f"{section}.enabled: .* not available"):
+        config_from_dict({section: {"enabled": True}})
+
+
+@pytest.mark.parametrize("text,expected", [(4096, 4096), ("512MiB", 512 * 2**20),
+                                           ("10GB", 10 * 10**9), ("1.5 KiB", 1536)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", [True, "ten", "5 parsecs", None])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        KVTierConfig().tier.chunk_tokens = 3
