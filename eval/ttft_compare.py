@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,9 +35,9 @@ def measure(backend: str, model_dir: Path, lengths: list[int], decode_tokens: in
             repeats: int, dtype: str, log_dir: Path) -> list[dict]:
     tokenizer = load_tokenizer(model_dir)
     args = [*BACKENDS[backend], "--device", "cpu", "--model-path", str(model_dir),
-            "--dtype", dtype, "--max-total-tokens", "65536"]
+            "--dtype", dtype, "--max-total-tokens", "65536", "--sleep-on-idle"]
     rows = []
-    with Server(args, log_dir / f"{backend}.log", env=cpu_engine_env()) as server:
+    with Server(args, log_dir / f"{backend}.log", env={**os.environ, **cpu_engine_env()}) as server:
         server.generate("warm up", max_new_tokens=2)
         for length in tqdm(lengths, desc=backend, unit="length"):
             cold, cached, decode = [], [], []

@@ -69,13 +69,13 @@ class Server:
     log_path : Path
         File receiving the server's stdout and stderr.
     env : dict, optional
-        Extra environment variables for the server process.
+        The server's whole environment (default: a copy of this process's).
     """
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
                  startup_timeout: float = 300.0):
         self.args, self.log_path = list(args), Path(log_path)
-        self.env = {**os.environ, **(env or {})}
+        self.env = dict(os.environ if env is None else env)
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+from sgl_kvtier.cuda_shim import cpu_engine_env
+from sgl_kvtier.models import model_path
+
+# Server tests run on float32: bfloat16 matmuls are ~100x slower on CPUs without
+# AVX512-BF16 or AMX, and both configurations compared use the same dtype.
+SERVER_BASE = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "32768",
+               "--sleep-on-idle"]  # an idle scheduler otherwise spins on a core
+_OURS = ("KVTIER_ENABLED", "SGLANG_USE_CPU_ENGINE", "LD_LIBRARY_PATH")
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    return model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def clean_env():
+    """This environment without anything that would make a CPU server start by itself."""
+    return {k: v for k, v in os.environ.items() if k not in _OURS}
+
+
+@pytest.fixture(scope="session")
+def stock_env(clean_env):
+    """What a stock SGLang CPU server needs on a host without an NVIDIA driver."""
+    return {**clean_env, **cpu_engine_env()}
