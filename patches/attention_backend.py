@@ -20,14 +20,28 @@ from sglang.srt.layers.attention.attention_registry import (ATTENTION_BACKENDS,
                                                             register_attention_backend)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-from sgl_kvtier.attention.dense import decode_attention, extend_attention
+from sgl_kvtier.attention.dense import (contiguous_runs, decode_attention, decode_attention_runs,
+                                        extend_attention)
 
 log = logging.getLogger("sgl_kvtier")
 NAME = "kvtier"
 
 
 class KVTierAttnBackend(TorchNativeAttnBackend):
-    """CPU dense path: prefix-aware extend, head-folded decode."""
+    """CPU dense path: prefix-aware extend; decode reads the KV pool in place."""
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        # Slot layout is the same for every layer: find each request's consecutive slot
+        # ranges once per batch, so decode can attend to views instead of gathering the
+        # whole context in every layer.
+        self._decode_runs = None
+        if forward_batch.forward_mode.is_decode() and forward_batch.encoder_lens is None:
+            table = self.req_to_token_pool.req_to_token
+            self._decode_runs = [
+                contiguous_runs(table[row, :total])
+                for row, total in zip(forward_batch.req_pool_indices.tolist(),
+                                      forward_batch.seq_lens.tolist())]
 
     def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token,
                                  req_pool_indices, seq_lens, extend_prefix_lens,
@@ -56,7 +70,14 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
             return super()._run_sdpa_forward_decode(
                 query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                 encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+        runs = getattr(self, "_decode_runs", None)
+        if runs is None or len(runs) != seq_lens.shape[0]:
+            runs = [None] * seq_lens.shape[0]
         for i, (row, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+            if _covers(runs[i], total) and k_cache.dtype == query.dtype:
+                output[i:i + 1] = decode_attention_runs(query[i:i + 1], k_cache, v_cache,
+                                                        runs[i], scaling)
+                continue
             k, v = self._gather(k_cache, v_cache, req_to_token[row, :total], query.dtype)
             output[i:i + 1] = decode_attention(query[i:i + 1], k, v, scaling)
         return output
@@ -65,6 +86,10 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
     def _gather(k_cache, v_cache, slots, dtype):
         k, v = k_cache[slots], v_cache[slots]
         return (k, v) if k.dtype == dtype else (k.to(dtype), v.to(dtype))
+
+
+def _covers(runs, total: int) -> bool:
+    return runs is not None and sum(b - a for a, b in runs) == total
 
 
 def _create(model_runner):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-__all__ = ["extend_attention", "decode_attention", "extend_attention_ref"]
+__all__ = ["extend_attention", "decode_attention", "decode_attention_runs", "contiguous_runs",
+           "extend_attention_ref"]
 
 
 def _fold_heads(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -87,6 +88,68 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     h_kv = k.shape[1]
     out = sdpa(_fold_heads(q, h_kv), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
+    return _unfold_heads(out, 1)
+
+
+def contiguous_runs(slots: torch.Tensor, max_runs: int = 8) -> list[tuple[int, int]] | None:
+    """Split a request's KV slot list into ascending runs of consecutive slots.
+
+    Parameters
+    ----------
+    slots : torch.Tensor
+        ``(L,)`` integer slot ids in token order.
+    max_runs : int
+        Give up (return ``None``) beyond this many runs.
+
+    Returns
+    -------
+    list of (start, end) or None
+        Half-open slot ranges whose concatenation is ``slots``.
+    """
+    if slots.numel() == 0:
+        return []
+    breaks = (slots[1:] - slots[:-1] != 1).nonzero().flatten().tolist()
+    if len(breaks) >= max_runs:
+        return None
+    starts = [0] + [b + 1 for b in breaks]
+    ends = [b + 1 for b in breaks] + [slots.numel()]
+    first = slots[starts].tolist()
+    return [(f, f + (e - s)) for f, s, e in zip(first, starts, ends)]
+
+
+def decode_attention_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          runs: list[tuple[int, int]], scale: float | None = None) -> torch.Tensor:
+    """:func:`decode_attention` reading the KV pool in place, without gathering it.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(1, H_q, D)``.
+    k_cache, v_cache : torch.Tensor
+        The whole pool, ``(slots, H_kv, D)`` and ``(slots, H_kv, Dv)``.
+    runs : list of (start, end)
+        The request's slots as consecutive ranges (:func:`contiguous_runs`), in token order.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, H_q, Dv)``.
+    """
+    h_kv = k_cache.shape[1]
+    qf = _fold_heads(q, h_kv)  # [H_kv, G, D]
+    if len(runs) == 1:
+        a, b = runs[0]
+        out = sdpa(qf, k_cache[a:b].transpose(0, 1), v_cache[a:b].transpose(0, 1), scale=scale)
+        return _unfold_heads(out, 1)
+    # Several runs: scores per run on views, one softmax over all of them.
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.cat([qf @ k_cache[a:b].permute(1, 2, 0) for a, b in runs], dim=-1)
+    probs = (scores.float() * scale).softmax(-1).to(q.dtype)
+    out, offset = None, 0
+    for a, b in runs:
+        part = probs[..., offset:offset + b - a] @ v_cache[a:b].transpose(0, 1)
+        out = part if out is None else out + part
+        offset += b - a
     return _unfold_heads(out, 1)
 
 

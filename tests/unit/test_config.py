@@ -109,3 +109,10 @@ def test_parse_size_rejects(bad):
 def test_config_is_frozen():
     with pytest.raises(Exception):
         KVTierConfig().tier.chunk_tokens = 3
+
+
+def test_documented_example_is_valid_and_states_the_defaults():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "kvtier.example.yaml"
+    assert load_config(example) == KVTierConfig()
