@@ -1,0 +1,12 @@
+"""Triton kernels of sgl_kvtier (``@triton.jit`` functions only; launchers and the PyTorch
+reference each kernel must agree with live in ``sgl_kvtier``).
+
+Importing this package never imports Triton: :data:`HAS_TRITON` only looks it up, so the
+package stays importable on hosts without it.
+"""
+
+import importlib.util
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+__all__ = ["HAS_TRITON"]

@@ -26,7 +26,6 @@ from sgl_kvtier.patches import _state
 log = logging.getLogger("sgl_kvtier")
 
 
-
 def _add_cli_args(original, parser: argparse.ArgumentParser, *args, **kwargs):
     result = original(parser, *args, **kwargs)
     group = parser.add_argument_group("sgl_kvtier")
@@ -69,7 +68,7 @@ def _from_cli_args(server_args, cls, args: argparse.Namespace):
 
 def _select_attention_backend(server_args, args: argparse.Namespace) -> None:
     chosen = args.attention_backend
-    if chosen in (None, "kvtier"):
+    if chosen is None:
         server_args.attention_backend = "kvtier"
     else:
         log.warning("sgl_kvtier: --attention-backend %s given explicitly; the kvtier attention "

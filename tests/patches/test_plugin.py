@@ -88,9 +88,10 @@ SPAWNED_CHECK = """
         p.register()  # a second call must change nothing
         counts = {t: sum(fn.__module__.startswith("sgl_kvtier") for _, fn, _ in
                          HookRegistry._hooks[t]) for t in p.hook_targets()}
+        import torch
         queue.put({"targets": p.hook_targets(), "patched": sorted(HookRegistry._patched),
                    "counts": counts, "backend": "kvtier" in ATTENTION_BACKENDS,
-                   "active": p.is_active()})
+                   "active": p.is_active(), "cuda_initialised": torch.cuda.is_initialized()})
 
     if __name__ == "__main__":
         os.environ["KVTIER_ENABLED"] = "1"  # what the launcher leaves to its children
@@ -115,6 +116,7 @@ def test_every_target_resolves_in_a_spawned_child(tmp_path):
     assert set(state["targets"]) <= set(state["patched"])
     assert set(state["counts"].values()) == {1}
     assert state["backend"] and state["active"]
+    assert state["cuda_initialised"] is False
 
 
 def test_registering_twice_in_the_launcher_is_harmless():
@@ -188,3 +190,18 @@ def test_version_drift_without_the_flag_only_warns():
         "from sglang.srt.plugins import load_plugins; load_plugins(); print('served on')"))
     assert out.returncode == 0 and out.stdout.strip() == "served on"
     assert "--enable-kvtier will refuse to start" in out.stderr
+
+
+def test_flags_work_from_sglangs_own_config_file(tmp_path):
+    kvtier_yaml = tmp_path / "kvtier.yaml"
+    kvtier_yaml.write_text("sparse:\n  rank: 64\n")
+    server_yaml = tmp_path / "server.yaml"
+    server_yaml.write_text(f"model-path: m\nenable-kvtier: true\nkvtier-config: {kvtier_yaml}\n")
+    out = python(f"""
+        from sglang.srt.plugins import load_plugins
+        from sglang.srt.server_args import prepare_server_args
+        load_plugins()
+        args = prepare_server_args(["--config", "{server_yaml}", "--device", "cpu"])
+        print(args.attention_backend, args._kvtier["config"]["sparse"]["rank"])
+    """)
+    assert out.stdout.strip().splitlines()[-1] == "kvtier 64", out.stderr[-2000:]
