@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["Server", "ServerError", "Generation", "free_port"]
+__all__ = ["Server", "ServerError", "Generation", "free_port", "group_alive"]
 
 
 class ServerError(RuntimeError):
@@ -50,6 +50,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any live (non-zombie) process belongs to process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -113,25 +125,29 @@ class Server:
                           f"of {self.log_path}:\n{_tail(self.log_path)}")
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Terminate the server's process group; kill it if it lingers."""
+        """Terminate the server's process group, kill what lingers, and return only once
+        no process of the group is left."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                # The leader is gone; children in the group may still be exiting.
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            break
         atexit.unregister(self.stop)
+        self._signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10.0
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            self._signal_group(proc.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        proc.wait()
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
 
     def __enter__(self) -> "Server":
         return self.start()

@@ -1,0 +1,1 @@
+"""Evaluation runs from YAML: ``python -m sgl_kvtier.eval {run,list}``."""

@@ -1,0 +1,92 @@
+"""The run folder: provenance, JSONL records written as they are measured, completion mark.
+
+A run folder holds ``spec.yaml`` (the run file as given), ``records.jsonl`` (one line per
+measurement, each tagged with the run's provenance), ``events.jsonl`` (server starts and
+stops), ``logs/`` (server logs), the report files, and ``COMPLETE`` only once everything finished: a folder without it is partial.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+__all__ = ["RunFolder", "provenance"]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=Path(__file__).parent)
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpus = os.environ.get("KVTIER_GPU_NAME")  # set by GPU benchmarks that know their device
+    return f"{cpu} x{os.cpu_count()}" + (f", {gpus}" if gpus else "")
+
+
+@functools.cache
+def provenance() -> dict:
+    """What every record is tagged with, besides the run file's hash."""
+    try:
+        sglang = importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        sglang = "not installed"
+    return {"git_commit": _git_commit(), "sglang_version": sglang, "hardware": _hardware()}
+
+
+class RunFolder:
+    """Append-only records of one run, in ``root/<name>-<timestamp>/``."""
+
+    def __init__(self, root: Path, name: str, spec_text: str, spec_hash: str):
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.path = Path(root) / f"{name}-{stamp}"
+        (self.path / "logs").mkdir(parents=True, exist_ok=False)
+        (self.path / "spec.yaml").write_text(spec_text)
+        self.tags = {"run": name, "config_hash": spec_hash, **provenance()}
+        self._records = open(self.path / "records.jsonl", "a")
+        self.records: list[dict] = []
+
+    def log_path(self, label: str) -> Path:
+        return self.path / "logs" / f"{label}.log"
+
+    def add(self, **record) -> dict:
+        record = {**record, **self.tags, "time": dt.datetime.now().isoformat(timespec="seconds")}
+        self._records.write(json.dumps(record) + "\n")
+        self._records.flush()
+        self.records.append(record)
+        return record
+
+    def event(self, **fields) -> None:
+        """Server starts and stops (pid, port, log), for whoever debugs the run later."""
+        stamp = dt.datetime.now().isoformat(timespec="seconds")
+        with open(self.path / "events.jsonl", "a") as f:
+            f.write(json.dumps({**fields, "time": stamp}) + "\n")
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.path / name
+        path.write_text(text)
+        return path
+
+    def close(self, complete: bool) -> None:
+        self._records.close()
+        if complete:
+            (self.path / "COMPLETE").write_text(self.tags["config_hash"] + "\n")

@@ -1,0 +1,101 @@
+"""Summaries of a run: medians per (server, phase, length), gate verdicts, a Markdown
+report and a plot of time to first token against prompt length."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from sgl_kvtier.eval.spec import Gate
+
+__all__ = ["summarise", "check_gates", "markdown", "plot_ttft"]
+
+Key = tuple[str, str, int]  # server, phase, target prompt tokens
+
+
+def summarise(records: list[dict]) -> dict[Key, dict]:
+    """Median of each latency metric per (server, phase, target length)."""
+    groups: dict[Key, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("workload") == "latency":
+            groups[(r["server"], r["phase"], r["target_tokens"])].append(r)
+    out = {}
+    for key, rows in sorted(groups.items()):
+        med = lambda name: statistics.median(r[name] for r in rows if r[name] is not None)  # noqa: E731
+        out[key] = {"n": len(rows), "ttft_s": med("ttft_s"),
+                    "decode_s_per_token": med("decode_s_per_token"),
+                    "cached_tokens": med("cached_tokens"), "prompt_tokens": rows[0]["prompt_tokens"]}
+    return out
+
+
+def check_gates(gates: list[Gate], summary: dict[Key, dict]) -> list[dict]:
+    """One verdict per gate: the measured value (or ratio), the bound, pass or fail."""
+    verdicts = []
+    for gate in gates:
+        row = summary.get((gate.server, gate.phase, gate.prompt_tokens))
+        base = summary.get((gate.baseline, gate.phase, gate.prompt_tokens)) if gate.baseline else None
+        if row is None or (gate.baseline and base is None):
+            verdicts.append({"gate": gate, "value": None, "passed": False,
+                             "why": "not measured in this run"})
+            continue
+        value = row[gate.metric] / base[gate.metric] if base else row[gate.metric]
+        if gate.max_ratio is not None:
+            passed, bound = value <= gate.max_ratio, f"<= {gate.max_ratio}"
+        elif gate.min_ratio is not None:
+            passed, bound = value >= gate.min_ratio, f">= {gate.min_ratio}"
+        else:
+            passed, bound = value <= gate.max_value, f"<= {gate.max_value}"
+        verdicts.append({"gate": gate, "value": value, "passed": passed, "why": bound})
+    return verdicts
+
+
+def _gate_name(gate: Gate) -> str:
+    base = f" / {gate.baseline}" if gate.baseline else ""
+    return f"{gate.metric} {gate.phase} @{gate.prompt_tokens}: {gate.server}{base}"
+
+
+def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: dict,
+             complete: bool) -> str:
+    lines = [f"# {title}", ""]
+    if not complete:
+        lines += ["**INCOMPLETE: the run was interrupted or failed; these numbers are partial.**", ""]
+    lines += [f"git {tags['git_commit']} · SGLang {tags['sglang_version']} · "
+              f"{tags['hardware']} · run file {tags['config_hash']}", "",
+              "| server | phase | prompt tokens | cached tokens | TTFT (s) | decode (s/token) | n |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for (server, phase, _), row in summary.items():
+        lines.append(f"| {server} | {phase} | {row['prompt_tokens']} | {row['cached_tokens']:.0f} "
+                     f"| {row['ttft_s']:.3f} | {row['decode_s_per_token']:.3f} | {row['n']} |")
+    if verdicts:
+        lines += ["", "| gate | measured | bound | result |", "|---|---:|---|---|"]
+        for v in verdicts:
+            value = "—" if v["value"] is None else f"{v['value']:.3f}"
+            lines.append(f"| {_gate_name(v['gate'])} | {value} | {v['why']} | "
+                         f"{'pass' if v['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ttft(summary: dict[Key, dict], path: Path, title: str) -> Path | None:
+    """TTFT against prompt length, one line per (server, phase); None if nothing to plot."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for (server, phase, length), row in summary.items():
+        series[(server, phase)].append((length, row["ttft_s"]))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (server, phase), points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=f"{server} · {phase}")
+    ax.set(xlabel="prompt tokens", ylabel="time to first token (s)", title=title, yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+"""Run an evaluation file: for each server configuration, start the server, run every
+workload, stop it; then summarise, check gates, write the report.
+
+A failure or Ctrl-C stops the current server (its whole process group), keeps what was
+measured, and marks the run folder incomplete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from sgl_kvtier.cuda_shim import cpu_engine_env
+from sgl_kvtier.eval import latency, report
+from sgl_kvtier.eval.records import RunFolder
+from sgl_kvtier.eval.spec import RunSpec, ServerSpec
+from sgl_kvtier.models import resolve_model
+from sgl_kvtier.prompts import load_tokenizer
+from sgl_kvtier.server import Server
+
+__all__ = ["RunResult", "run"]
+
+
+class RunResult:
+    def __init__(self, folder: RunFolder, verdicts: list[dict], complete: bool):
+        self.folder, self.verdicts, self.complete = folder, verdicts, complete
+
+    @property
+    def passed(self) -> bool:
+        return self.complete and all(v["passed"] for v in self.verdicts)
+
+
+def _server_args(spec: RunSpec, server: ServerSpec, model_dir: Path, folder: RunFolder) -> list[str]:
+    args = [*spec.server_defaults, *server.args, "--model-path", str(model_dir)]
+    if server.kvtier is not None:
+        path = folder.path / f"kvtier-{server.name}.yaml"
+        path.write_text(yaml.safe_dump(server.kvtier))
+        args += ["--kvtier-config", str(path)]
+    return args
+
+
+def _env(args: list[str]) -> dict[str, str]:
+    # A stock server on a CPU-only host needs the driver shim given; --enable-kvtier
+    # prepares it by itself.
+    if "--device" in args and args[args.index("--device") + 1] == "cpu":
+        return {**os.environ, **cpu_engine_env()}
+    return dict(os.environ)
+
+
+def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokenizer,
+                folder: RunFolder, bar: tqdm) -> None:
+    args = _server_args(spec, server_spec, model_dir, folder)
+    starts = iter(range(1, 1000))
+
+    def start() -> Server:
+        bar.set_postfix_str(f"starting {server_spec.name}")
+        label = f"{server_spec.name}-{next(starts)}"
+        server = Server(args, folder.log_path(label), env=_env(args))
+        folder.event(event="start", server=server_spec.name, port=server.port,
+                     log=str(server.log_path))
+        server.start()
+        folder.event(event="ready", server=server_spec.name, pid=server.proc.pid)
+        return server
+
+    def stop() -> None:
+        pid = current[0].proc.pid if current[0].proc else None
+        current[0].stop()
+        folder.event(event="stop", server=server_spec.name, pid=pid)
+
+    current = [start()]
+
+    def restart() -> Server:
+        stop()
+        current[0] = start()
+        return current[0]
+
+    try:
+        for work in spec.workloads:
+            bar.set_postfix_str(f"{server_spec.name}: {work.kind}")
+            for body in latency.run_latency(current[0], restart, tokenizer, work):
+                folder.add(server=server_spec.name, **body)
+                bar.update()
+    finally:
+        stop()
+
+
+def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
+    """Run every server configuration and workload of ``spec`` into a new run folder."""
+    model_dir = resolve_model(spec.model)
+    tokenizer = load_tokenizer(model_dir)
+    folder = RunFolder(out_root, spec.name, spec_text, spec.digest())
+    total = len(spec.servers) * sum(latency.steps(w) for w in spec.workloads)
+    complete = False
+    try:
+        with tqdm(total=total, desc=spec.name, unit="meas", file=sys.stderr) as bar:
+            for server_spec in spec.servers:
+                _run_server(spec, server_spec, model_dir, tokenizer, folder, bar)
+        complete = True
+    finally:
+        summary = report.summarise(folder.records)
+        verdicts = report.check_gates(spec.gates, summary) if complete else []
+        folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
+                                                   complete))
+        report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")
+        folder.close(complete)
+    return RunResult(folder, verdicts, complete)

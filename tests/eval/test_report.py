@@ -1,0 +1,53 @@
+"""Summaries, gates, the Markdown report and the plot, from records of a known shape."""
+
+from sgl_kvtier.eval.report import check_gates, markdown, plot_ttft, summarise
+from sgl_kvtier.eval.spec import Gate
+
+TAGS = {"git_commit": "abc", "sglang_version": "0.5.23", "hardware": "cpu x2",
+        "config_hash": "123"}
+
+
+def rec(server, phase, length, ttft, decode=0.1, cached=0):
+    return {"workload": "latency", "server": server, "phase": phase, "target_tokens": length,
+            "prompt_tokens": length, "ttft_s": ttft, "decode_s_per_token": decode,
+            "cached_tokens": cached}
+
+
+RECORDS = [rec("a", "cold", 512, 2.0), rec("a", "cold", 512, 4.0), rec("a", "repeat", 512, 1.0),
+           rec("b", "cold", 512, 2.0), rec("b", "repeat", 512, 0.2, cached=511),
+           rec("b", "repeat", 512, 0.3, cached=511)]
+
+
+def test_summary_takes_medians_per_server_phase_length():
+    s = summarise(RECORDS)
+    assert s[("a", "cold", 512)]["ttft_s"] == 3.0 and s[("a", "cold", 512)]["n"] == 2
+    assert s[("b", "repeat", 512)]["ttft_s"] == 0.25
+    assert s[("b", "repeat", 512)]["cached_tokens"] == 511
+
+
+def test_ratio_gates_pass_and_fail():
+    s = summarise(RECORDS)
+    ok = Gate(metric="ttft_s", phase="repeat", server="b", baseline="a", prompt_tokens=512,
+              max_ratio=0.5)
+    bad = Gate(metric="ttft_s", phase="repeat", server="b", baseline="a", prompt_tokens=512,
+               max_ratio=0.1)
+    missing = Gate(metric="ttft_s", phase="restart", server="b", baseline="a",
+                   prompt_tokens=512, max_ratio=0.5)
+    v_ok, v_bad, v_missing = check_gates([ok, bad, missing], s)
+    assert v_ok["passed"] and abs(v_ok["value"] - 0.25) < 1e-9
+    assert not v_bad["passed"]
+    assert not v_missing["passed"] and v_missing["why"] == "not measured in this run"
+
+
+def test_markdown_marks_partial_runs():
+    s = summarise(RECORDS)
+    full = markdown("t", s, check_gates([], s), TAGS, complete=True)
+    partial = markdown("t", s, [], TAGS, complete=False)
+    assert "| b | repeat | 512 | 511 | 0.250 |" in full and "INCOMPLETE" not in full
+    assert partial.splitlines()[2].startswith("**INCOMPLETE")
+
+
+def test_plot_is_a_png(tmp_path):
+    path = plot_ttft(summarise(RECORDS), tmp_path / "ttft.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_ttft({}, tmp_path / "none.png", "t") is None

@@ -1,0 +1,95 @@
+"""The runner against real servers: a complete run folder, a server that cannot start, and
+Ctrl-C in the middle — never a process left behind."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sgl_kvtier.eval.__main__ import main
+from sgl_kvtier.server import group_alive
+
+pytestmark = pytest.mark.integration
+
+SMALL = """
+name: small
+model: smollm2
+server_defaults: [--device, cpu, --dtype, float32, --max-total-tokens, "8192", --sleep-on-idle]
+servers:
+  - {name: kvtier, args: [--enable-kvtier], kvtier: {}}
+workloads:
+  - {kind: latency, lengths: [96, 192], shared_prefix_tokens: 32, decode_tokens: 4,
+     restart: RESTART}
+gates:
+  - {metric: ttft_s, phase: repeat, server: kvtier, prompt_tokens: 192, max_value: 1000.0}
+"""
+
+
+def alive(pgid: int) -> bool:
+    return group_alive(pgid)
+
+
+def events(folder):
+    return [json.loads(l) for l in (folder / "events.jsonl").read_text().splitlines()]
+
+
+def test_complete_run_folder(tmp_path, capsys):
+    (tmp_path / "small.yaml").write_text(SMALL.replace("RESTART", "true"))
+    assert main(["run", str(tmp_path / "small.yaml"), "--out", str(tmp_path / "runs")]) == 0
+    folder = next((tmp_path / "runs").iterdir())
+    assert {p.name for p in folder.iterdir()} >= {"spec.yaml", "records.jsonl", "events.jsonl",
+                                                  "summary.md", "ttft.png", "COMPLETE", "logs"}
+    records = [json.loads(l) for l in (folder / "records.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["cold", "repeat", "shared"] * 2 + ["restart"] * 2
+    for r in records:
+        assert r["git_commit"] and r["sglang_version"] == "0.5.23" and r["hardware"]
+        assert r["config_hash"] == records[0]["config_hash"] and r["server"] == "kvtier"
+    by_phase = {(r["phase"], r["target_tokens"]): r for r in records}
+    assert by_phase[("repeat", 192)]["cached_tokens"] == 191
+    assert by_phase[("shared", 192)]["cached_tokens"] >= 32
+    assert by_phase[("restart", 192)]["cached_tokens"] == 0  # nothing survives a restart yet
+    assert by_phase[("restart", 192)]["output_ids"] == by_phase[("cold", 192)]["output_ids"]
+    pids = [e["pid"] for e in events(folder) if e["event"] == "stop"]
+    assert len(pids) == 2 and not any(alive(p) for p in pids)
+    assert "| kvtier | repeat | 192 | 191 |" in capsys.readouterr().out
+
+
+def test_server_that_cannot_start(tmp_path, capsys):
+    spec = SMALL.replace("RESTART", "false").replace("args: [--enable-kvtier]",
+                                                     "args: [--enable-kvtier, --no-such-flag]")
+    (tmp_path / "bad.yaml").write_text(spec)
+    assert main(["run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "server exited with status 2 during start-up" in err
+    assert "unrecognized arguments: --no-such-flag" in err  # the log's last lines
+    folder = next((tmp_path / "runs").iterdir())
+    assert not (folder / "COMPLETE").exists()
+    assert "INCOMPLETE" in (folder / "summary.md").read_text()
+
+
+def test_ctrl_c_stops_the_server_and_marks_the_run_incomplete(tmp_path):
+    (tmp_path / "small.yaml").write_text(SMALL.replace("RESTART", "false"))
+    proc = subprocess.Popen([sys.executable, "-m", "sgl_kvtier.eval", "run",
+                             str(tmp_path / "small.yaml"), "--out", str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    records = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/records.jsonl"))
+        if found and found[0].read_text().strip():
+            records = found[0]
+            break
+        time.sleep(0.2)
+    assert records is not None, proc.stderr.read() if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: servers stopped" in err
+    folder = records.parent
+    assert not (folder / "COMPLETE").exists()
+    assert "INCOMPLETE" in (folder / "summary.md").read_text()
+    ready = [e["pid"] for e in events(folder) if e["event"] == "ready"]
+    assert ready and not any(alive(p) for p in ready)

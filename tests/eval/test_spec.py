@@ -1,0 +1,68 @@
+"""Run files: the shipped ones are valid; mistakes are one line naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from sgl_kvtier.config import ConfigError
+from sgl_kvtier.eval.__main__ import main
+from sgl_kvtier.eval.spec import load_spec
+
+CONFIGS = Path(__file__).resolve().parents[2] / "eval" / "configs"
+GOOD = """
+name: t
+servers:
+  - {name: a, args: [--attention-backend, torch_native]}
+  - {name: b, args: [--enable-kvtier], kvtier: {}}
+workloads:
+  - {kind: latency, lengths: [64]}
+gates:
+  - {metric: ttft_s, phase: repeat, server: b, baseline: a, prompt_tokens: 64, max_ratio: 1.0}
+"""
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_files_are_valid(path):
+    assert load_spec(path).servers
+
+
+def error_for(tmp_path, text) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"eval run {path}: ") and "\n" not in message
+    return message
+
+
+def test_good_file_parses_and_hash_is_stable(tmp_path):
+    (tmp_path / "run.yaml").write_text(GOOD)
+    spec = load_spec(tmp_path / "run.yaml")
+    assert spec.digest() == load_spec(tmp_path / "run.yaml").digest()
+    assert spec.workloads[0].decode_tokens == 16
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (("lengths: [64]", "lengths: [64], warmup: 3"), "workloads.0.warmup: unknown key"),
+    (("kind: latency", "kind: ruler"), "unknown workload kind 'ruler'"),
+    (("baseline: a", "baseline: c"), "gate names server 'c'"),
+    (("kvtier: {}", "kvtier: {tier: {chunk_tokens: -1}}"), "tier.chunk_tokens"),
+    (("args: [--enable-kvtier], ", "args: [], "), "a kvtier config needs --enable-kvtier"),
+    (("max_ratio: 1.0", "max_ratio: 1.0, min_ratio: 0.1"), "exactly one of"),
+    (("lengths: [64]", "lengths: ['64']"), "workloads.0.lengths.0"),
+])
+def test_mistakes_name_the_key(tmp_path, change, fragment):
+    assert fragment in error_for(tmp_path, GOOD.replace(*change))
+
+
+def test_cli_exits_2_on_a_bad_file_before_starting_anything(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(GOOD.replace("name: t", "name: t\nmodle: x"))
+    assert main(["run", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "runs")]) == 2
+    assert "modle: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_list_shows_shipped_files(capsys):
+    assert main(["list", "--dir", str(CONFIGS)]) == 0
+    assert "quickstart.yaml" in capsys.readouterr().out
