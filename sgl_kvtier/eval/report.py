@@ -88,11 +88,19 @@ def plot_ttft(summary: dict[Key, dict], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FormatStrFormatter
+
+    # One colour per server configuration, one line style per phase.
+    servers = sorted({server for server, _ in series})
+    styles = {"cold": "-", "repeat": "--", "shared": "-.", "restart": ":"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (server, phase), points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=f"{server} · {phase}")
+        ax.plot(xs, ys, marker="o", color=f"C{servers.index(server)}",
+                linestyle=styles.get(phase, "-"), label=f"{server} · {phase}")
     ax.set(xlabel="prompt tokens", ylabel="time to first token (s)", title=title, yscale="log")
+    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_formatter(FormatStrFormatter("%g"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

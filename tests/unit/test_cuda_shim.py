@@ -1,12 +1,17 @@
 """The no-device driver shim is generated from what the installed wheels import."""
 
 import ctypes
+import os
 import subprocess
 import sys
 
 import pytest
 
 from sgl_kvtier import cuda_shim
+
+# A bare environment, except for where the shim is cached.
+BARE = {"PATH": "/usr/bin:/bin", **{k: os.environ[k] for k in
+                                    ("HOME", "XDG_CACHE_HOME", "KVTIER_CACHE_DIR") if k in os.environ}}
 
 pytestmark = pytest.mark.skipif(cuda_shim.has_real_driver(),
                                 reason="a real NVIDIA driver is present; the shim is not used")
@@ -35,7 +40,7 @@ def test_built_shim_has_soname_and_answers_no_device():
 
 def test_sgl_kernel_imports_only_with_the_shim():
     code = "import sgl_kernel; import torch; print(torch.cuda.is_available())"
-    env_without = {"PATH": "/usr/bin:/bin"}
+    env_without = BARE
     bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env_without)
     assert bare.returncode != 0 and "libcuda.so.1" in bare.stderr
@@ -49,6 +54,6 @@ def test_activate_works_without_environment_set_beforehand():
     code = ("from sgl_kvtier import cuda_shim; cuda_shim.activate(); import sgl_kernel; "
             "import os; print(os.environ['LD_LIBRARY_PATH'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin"})
+                         env=BARE)
     assert out.returncode == 0, out.stderr[-2000:]
     assert str(cuda_shim.shim_path().parent) in out.stdout
