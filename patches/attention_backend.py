@@ -30,6 +30,13 @@ NAME = "kvtier"
 class KVTierAttnBackend(TorchNativeAttnBackend):
     """CPU dense path: prefix-aware extend; decode reads the KV pool in place."""
 
+    _decode_runs: list | None = None
+
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        # Per (request, layer) decode: attended in place or gathered (fragmented slots).
+        self.stats = {"decode_in_place": 0, "decode_gathered": 0}
+
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         # Slot layout is the same for every layer: find each request's consecutive slot
@@ -70,14 +77,16 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
             return super()._run_sdpa_forward_decode(
                 query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                 encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
-        runs = getattr(self, "_decode_runs", None)
+        runs = self._decode_runs
         if runs is None or len(runs) != seq_lens.shape[0]:
             runs = [None] * seq_lens.shape[0]
         for i, (row, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
             if _covers(runs[i], total) and k_cache.dtype == query.dtype:
                 output[i:i + 1] = decode_attention_runs(query[i:i + 1], k_cache, v_cache,
                                                         runs[i], scaling)
+                self.stats["decode_in_place"] += 1
                 continue
+            self.stats["decode_gathered"] += 1
             k, v = self._gather(k_cache, v_cache, req_to_token[row, :total], query.dtype)
             output[i:i + 1] = decode_attention(query[i:i + 1], k, v, scaling)
         return output

@@ -2,7 +2,8 @@
 
 Target (SGLang 0.5.23): ``sglang.srt.managers.scheduler.Scheduler.get_internal_state``
 (AFTER). Adds ``internal_states[i]["kvtier"]``: the kvtier configuration as the scheduler
-parsed it from its server arguments, its process id and the attention backend in use.
+parsed it from its server arguments, its process id, the attention backend in use and its
+counters (decode steps attended in place versus gathered).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def _get_internal_state(result, scheduler, *args, **kwargs):
         "config_path": received["config_path"],
         "scheduler_pid": os.getpid(),
         "attention_backend": type(runner.attn_backend).__name__,
+        "attention_stats": dict(getattr(runner.attn_backend, "stats", {})),
     }
     return result
 

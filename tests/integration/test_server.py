@@ -66,6 +66,19 @@ def test_config_reaches_the_scheduler_process(kvtier):
     assert received["attention_backend"] == "KVTierAttnBackend"
 
 
+def test_decode_attends_to_the_pool_in_place(kvtier):
+    def stats():
+        return kvtier.server_info()["internal_states"][0]["kvtier"]["attention_stats"]
+
+    before = stats()
+    kvtier.generate("Name the planets of the solar system:", 8, ignore_eos=True)
+    after = stats()
+    # 7 decode steps (the first token comes from prefill) in each of 30 layers; a lone
+    # request's KV slots are consecutive, so none needs the gathering fallback.
+    assert after["decode_in_place"] - before["decode_in_place"] == 7 * 30
+    assert after["decode_gathered"] == before["decode_gathered"]
+
+
 def test_one_start_line_lists_features(kvtier):
     log = kvtier.log_path.read_text()
     lines = [l for l in log.splitlines() if f"sgl_kvtier {__version__} on SGLang" in l]
