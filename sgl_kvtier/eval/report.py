@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sgl_kvtier.eval.spec import Gate
 
-__all__ = ["summarise", "check_gates", "markdown", "plot_ttft"]
+__all__ = ["summarise", "summarise_scores", "check_gates", "markdown", "plot_ttft",
+           "plot_scores"]
 
 Key = tuple[str, str, int]  # server, phase, target prompt tokens
 
@@ -27,6 +28,34 @@ def summarise(records: list[dict]) -> dict[Key, dict]:
                     "decode_s_per_token": med("decode_s_per_token"),
                     "cached_tokens": med("cached_tokens"), "prompt_tokens": rows[0]["prompt_tokens"]}
     return out
+
+
+def summarise_scores(records: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """Mean RULER score per (server, task, length), plus the task mean as task ``"mean"``."""
+    groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("workload") == "ruler":
+            groups[(r["server"], r["task"], r["length"])].append(r["score"])
+    out = {k: {"score": statistics.fmean(v), "n": len(v)} for k, v in sorted(groups.items())}
+    per_length: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (server, _, length), row in out.items():
+        per_length[(server, length)].append(row["score"])
+    for (server, length), values in per_length.items():
+        out[(server, "mean", length)] = {"score": statistics.fmean(values), "n": len(values)}
+    return out
+
+
+def _score_table(scores: dict[tuple[str, str, int], dict]) -> list[str]:
+    columns = sorted({(server, length) for server, _, length in scores})
+    tasks = sorted({task for _, task, _ in scores} - {"mean"}) + ["mean"]
+    lines = ["| task | " + " | ".join(f"{s} @{n}" for s, n in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for task in tasks:
+        cells = [scores.get((s, task, n)) for s, n in columns]
+        lines.append(f"| {task} | " + " | ".join(
+            "—" if c is None else f"{c['score']:.1f}" + ("" if task == "mean" else f" (n={c['n']})")
+            for c in cells) + " |")
+    return lines
 
 
 def check_gates(gates: list[Gate], summary: dict[Key, dict]) -> list[dict]:
@@ -56,17 +85,21 @@ def _gate_name(gate: Gate) -> str:
 
 
 def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: dict,
-             complete: bool) -> str:
+             complete: bool, scores: dict | None = None) -> str:
     lines = [f"# {title}", ""]
     if not complete:
         lines += ["**INCOMPLETE: the run was interrupted or failed; these numbers are partial.**", ""]
     lines += [f"git {tags['git_commit']} · SGLang {tags['sglang_version']} · "
-              f"{tags['hardware']} · run file {tags['config_hash']}", "",
-              "| server | phase | prompt tokens | cached tokens | TTFT (s) | decode (s/token) | n |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              f"{tags['hardware']} · run file {tags['config_hash']}", ""]
+    if summary:
+        lines += ["| server | phase | prompt tokens | cached tokens | TTFT (s) | "
+                  "decode (s/token) | n |", "|---|---|---:|---:|---:|---:|---:|"]
     for (server, phase, _), row in summary.items():
         lines.append(f"| {server} | {phase} | {row['prompt_tokens']} | {row['cached_tokens']:.0f} "
                      f"| {row['ttft_s']:.3f} | {row['decode_s_per_token']:.3f} | {row['n']} |")
+    if scores:
+        lines += ["", "RULER score (string match, 0-100), by task and server @ context length:",
+                  "", *_score_table(scores)]
     if verdicts:
         lines += ["", "| gate | measured | bound | result |", "|---|---:|---|---|"]
         for v in verdicts:
@@ -102,6 +135,34 @@ def plot_ttft(summary: dict[Key, dict], path: Path, title: str) -> Path | None:
     for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         axis_formatter(FormatStrFormatter("%g"))
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(scores: dict[tuple[str, str, int], dict], path: Path, title: str) -> Path | None:
+    """Mean RULER score against context length, one line per server configuration."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for (server, task, length), row in scores.items():
+        if task == "mean":
+            series[server].append((length, row["score"]))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (server, points) in enumerate(sorted(series.items())):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=server)
+    ax.set(xlabel="context length (tokens)", ylabel="mean score over tasks", title=title,
+           ylim=(0, 100), xscale="log", xticks=sorted({x for p in series.values() for x, _ in p}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -15,7 +15,7 @@ import yaml
 from tqdm import tqdm
 
 from sgl_kvtier.cuda_shim import cpu_engine_env
-from sgl_kvtier.eval import latency, report
+from sgl_kvtier.eval import accuracy, latency, report
 from sgl_kvtier.eval.records import RunFolder
 from sgl_kvtier.eval.spec import RunSpec, ServerSpec
 from sgl_kvtier.models import resolve_model
@@ -81,7 +81,11 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
     try:
         for work in spec.workloads:
             bar.set_postfix_str(f"{server_spec.name}: {work.kind}")
-            for body in latency.run_latency(current[0], restart, tokenizer, work):
+            if work.kind == "latency":
+                bodies = latency.run_latency(current[0], restart, tokenizer, work)
+            else:
+                bodies = accuracy.run_ruler(current[0], tokenizer, work, spec.seed)
+            for body in bodies:
                 folder.add(server=server_spec.name, **body)
                 bar.update()
     finally:
@@ -93,7 +97,8 @@ def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
     model_dir = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_dir)
     folder = RunFolder(out_root, spec.name, spec_text, spec.digest())
-    total = len(spec.servers) * sum(latency.steps(w) for w in spec.workloads)
+    total = len(spec.servers) * sum(
+        (latency if w.kind == "latency" else accuracy).steps(w) for w in spec.workloads)
     complete = False
     try:
         with tqdm(total=total, desc=spec.name, unit="meas", file=sys.stderr) as bar:
@@ -103,8 +108,10 @@ def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
     finally:
         summary = report.summarise(folder.records)
         verdicts = report.check_gates(spec.gates, summary) if complete else []
+        scores = report.summarise_scores(folder.records)
         folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
-                                                   complete))
+                                                   complete, scores))
         report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")
+        report.plot_scores(scores, folder.path / "score.png", f"{spec.name}: RULER score")
         folder.close(complete)
     return RunResult(folder, verdicts, complete)

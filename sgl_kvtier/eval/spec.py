@@ -21,14 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sgl_kvtier.config import ConfigError, config_from_dict
 
-__all__ = ["RunSpec", "ServerSpec", "LatencyWorkload", "Gate", "load_spec"]
+__all__ = ["RunSpec", "ServerSpec", "LatencyWorkload", "RulerWorkload", "Gate", "load_spec"]
 
 
 class _Strict(BaseModel):
@@ -74,6 +74,28 @@ class LatencyWorkload(_Strict):
         return self
 
 
+class RulerWorkload(_Strict):
+    """RULER-style accuracy: the named tasks at each context length."""
+
+    kind: Literal["ruler"]
+    tasks: list[str] = Field(min_length=1)
+    lengths: list[int] = Field(min_length=1)
+    num_samples: int = Field(10, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: RULER's per task")
+
+    @model_validator(mode="after")
+    def _known_tasks(self):
+        from sgl_kvtier.eval.ruler import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown RULER task {unknown[0]!r}; known: {', '.join(TASKS)}")
+        return self
+
+
+Workload = Annotated[LatencyWorkload | RulerWorkload, Field(discriminator="kind")]
+
+
 class Gate(_Strict):
     """A pass/fail check on the median of a metric, as a ratio to a baseline server when
     ``baseline`` is given (ratios taken in one run are robust to machine noise)."""
@@ -104,7 +126,7 @@ class RunSpec(_Strict):
     seed: int = 42
     server_defaults: list[str] = []
     servers: list[ServerSpec] = Field(min_length=1)
-    workloads: list[LatencyWorkload] = Field(min_length=1)
+    workloads: list[Workload] = Field(min_length=1)
     gates: list[Gate] = []
 
     @model_validator(mode="after")
@@ -136,10 +158,14 @@ def load_spec(path: str | Path) -> RunSpec:
         return RunSpec.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        loc = first["loc"]
+        # Drop the union tag pydantic inserts after a workload's index (workloads.0.ruler.x).
+        parts = [p for i, p in enumerate(loc)
+                 if not (i > 1 and loc[i - 2] == "workloads" and p in ("latency", "ruler"))]
+        key = ".".join(str(p) for p in parts) or "(top level)"
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif first["type"] == "literal_error" and first["loc"][-1] == "kind":
-            msg = f"unknown workload kind {first['input']!r}; this version runs: latency"
+        elif first["type"] == "union_tag_invalid":
+            msg = f"unknown workload kind; this version runs: latency, ruler ({msg})"
         raise ConfigError(f"eval run {path}: {key}: {msg}") from None

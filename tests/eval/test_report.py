@@ -51,3 +51,20 @@ def test_plot_is_a_png(tmp_path):
     path = plot_ttft(summarise(RECORDS), tmp_path / "ttft.png", "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_ttft({}, tmp_path / "none.png", "t") is None
+
+
+def test_ruler_scores_table_and_plot(tmp_path):
+    from sgl_kvtier.eval.report import plot_scores, summarise_scores
+
+    def r(server, task, length, score):
+        return {"workload": "ruler", "server": server, "task": task, "length": length,
+                "score": score}
+
+    records = [r("a", "vt", 512, 100.0), r("a", "vt", 512, 50.0), r("a", "fwe", 512, 0.0),
+               r("b", "vt", 512, 100.0), r("b", "fwe", 512, 100.0)]
+    scores = summarise_scores(records)
+    assert scores[("a", "vt", 512)] == {"score": 75.0, "n": 2}
+    assert scores[("a", "mean", 512)]["score"] == 37.5
+    text = markdown("t", {}, [], TAGS, True, scores)
+    assert "| vt | 75.0 (n=2) | 100.0 (n=1) |" in text and "| mean | 37.5 | 100.0 |" in text
+    assert plot_scores(scores, tmp_path / "s.png", "t").read_bytes()[:4] == b"\x89PNG"

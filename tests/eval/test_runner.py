@@ -23,6 +23,8 @@ servers:
 workloads:
   - {kind: latency, lengths: [96, 192], shared_prefix_tokens: 32, decode_tokens: 4,
      restart: RESTART}
+  - {kind: ruler, tasks: [niah_single_1, qa_1], lengths: [384], num_samples: 1,
+     max_new_tokens: 8}
 gates:
   - {metric: ttft_s, phase: repeat, server: kvtier, prompt_tokens: 192, max_value: 1000.0}
 """
@@ -43,7 +45,12 @@ def test_complete_run_folder(tmp_path, capsys):
     assert {p.name for p in folder.iterdir()} >= {"spec.yaml", "records.jsonl", "events.jsonl",
                                                   "summary.md", "ttft.png", "COMPLETE", "logs"}
     records = [json.loads(l) for l in (folder / "records.jsonl").read_text().splitlines()]
+    scored = [r for r in records if r["workload"] == "ruler"]
+    records = [r for r in records if r["workload"] == "latency"]
     assert [r["phase"] for r in records] == ["cold", "repeat", "shared"] * 2 + ["restart"] * 2
+    assert [r["task"] for r in scored] == ["niah_single_1", "qa_1"]
+    assert all(0 <= r["score"] <= 100 and 180 < r["prompt_tokens"] <= 384 - 8 for r in scored)
+    assert (folder / "score.png").is_file()
     for r in records:
         assert r["git_commit"] and r["sglang_version"] == "0.5.23" and r["hardware"]
         assert r["config_hash"] == records[0]["config_hash"] and r["server"] == "kvtier"
@@ -54,7 +61,8 @@ def test_complete_run_folder(tmp_path, capsys):
     assert by_phase[("restart", 192)]["output_ids"] == by_phase[("cold", 192)]["output_ids"]
     pids = [e["pid"] for e in events(folder) if e["event"] == "stop"]
     assert len(pids) == 2 and not any(alive(p) for p in pids)
-    assert "| kvtier | repeat | 192 | 191 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| kvtier | repeat | 192 | 191 |" in out and "| niah_single_1 |" in out
 
 
 def test_server_that_cannot_start(tmp_path, capsys):

@@ -45,7 +45,10 @@ def test_good_file_parses_and_hash_is_stable(tmp_path):
 
 @pytest.mark.parametrize("change,fragment", [
     (("lengths: [64]", "lengths: [64], warmup: 3"), "workloads.0.warmup: unknown key"),
-    (("kind: latency", "kind: ruler"), "unknown workload kind 'ruler'"),
+    (("kind: latency", "kind: magic"), "workloads.0: unknown workload kind"),
+    (("kind: latency", "kind: ruler"), "workloads.0.tasks: Field required"),
+    (("{kind: latency, lengths: [64]}", "{kind: ruler, tasks: [cwe], lengths: [64]}"),
+     "unknown RULER task 'cwe'"),
     (("baseline: a", "baseline: c"), "gate names server 'c'"),
     (("kvtier: {}", "kvtier: {tier: {chunk_tokens: -1}}"), "tier.chunk_tokens"),
     (("args: [--enable-kvtier], ", "args: [], "), "a kvtier config needs --enable-kvtier"),
