@@ -104,7 +104,11 @@ class Server:
                                          stdin=subprocess.DEVNULL, env=self.env,
                                          start_new_session=True)
         atexit.register(self.stop)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # a failed start, Ctrl-C while waiting: leave nothing behind
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self) -> None:
@@ -120,7 +124,6 @@ class Server:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        self.stop()
         raise ServerError(f"server not ready after {self.startup_timeout:.0f} s; last lines "
                           f"of {self.log_path}:\n{_tail(self.log_path)}")
 
