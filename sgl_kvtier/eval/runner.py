@@ -7,6 +7,7 @@ measured, and marks the run folder incomplete.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def _env(args: list[str]) -> dict[str, str]:
 def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokenizer,
                 folder: RunFolder, bar: tqdm) -> None:
     args = _server_args(spec, server_spec, model_dir, folder)
-    starts = iter(range(1, 1000))
+    starts = itertools.count(1)
 
     def start() -> Server:
         bar.set_postfix_str(f"starting {server_spec.name}")
