@@ -24,14 +24,16 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def token_prompt(tokenizer, num_tokens: int, offset: int = 0) -> list[int]:
-    """``num_tokens`` token ids of the corpus, starting ``offset`` tokens in.
+    """``num_tokens`` token ids of the corpus, starting ``offset`` tokens in (taken modulo
+    the room the corpus leaves, so any offset works).
 
     Different offsets give prompts that share no prefix (for cold measurements).
     """
     ids = _corpus_ids(tokenizer)
-    if offset + num_tokens > len(ids):
-        raise ValueError(f"the corpus has {len(ids)} tokens; asked for {offset}+{num_tokens}")
-    return ids[offset:offset + num_tokens]
+    if num_tokens > len(ids):
+        raise ValueError(f"the corpus has {len(ids)} tokens; asked for {num_tokens}")
+    start = offset % (len(ids) - num_tokens + 1)
+    return ids[start:start + num_tokens]
 
 
 @functools.cache

@@ -47,7 +47,7 @@ def _run(path: Path, out: Path) -> int:
     except KeyboardInterrupt:
         print("interrupted: servers stopped; the run folder is marked incomplete", file=sys.stderr)
         return 130
-    except (ServerError, FileNotFoundError, OSError) as e:
+    except (ServerError, FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
