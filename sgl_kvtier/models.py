@@ -44,14 +44,19 @@ EMBEDDED = {
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """Return a model directory for an embedded model's short name or an existing path."""
+    """A model directory for an embedded model's short name, a dummy-weights shape name
+    (see :mod:`sgl_kvtier.model_shapes`) or an existing path."""
+    from sgl_kvtier.model_shapes import SHAPES, shape_path
+
     if name_or_path in EMBEDDED:
         return model_path(name_or_path)
+    if name_or_path in SHAPES:
+        return shape_path(name_or_path)
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
-        known = ", ".join(EMBEDDED)
-        raise FileNotFoundError(f"model {name_or_path!r}: not an embedded model ({known}) "
-                                f"and not a directory with a config.json")
+        known = ", ".join([*EMBEDDED, *SHAPES])
+        raise FileNotFoundError(f"model {name_or_path!r}: not an embedded model or shape "
+                                f"({known}) and not a directory with a config.json")
     return path
 
 

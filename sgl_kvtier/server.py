@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["Server", "ServerError", "Generation", "free_port", "group_alive"]
+__all__ = ["Server", "ServerError", "Generation", "TeacherForced", "free_port", "group_alive"]
 
 
 class ServerError(RuntimeError):
@@ -44,6 +44,15 @@ class Generation:
         """Mean time between streamed tokens after the first (NaN for one token)."""
         n = len(self.token_times)
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else float("nan")
+
+
+@dataclass
+class TeacherForced:
+    """Next-token log-probabilities at each position of a scored text (positions 1..n-1)."""
+
+    token_logprobs: list[float]  # (n-1,) log p(x_t | x_<t)
+    top_ids: list[list[int]]  # (n-1, k) most likely next tokens given x_<t
+    top_logprobs: list[list[float]]  # (n-1, k) their log-probabilities, descending
 
 
 def free_port() -> int:
@@ -159,7 +168,7 @@ class Server:
         self.stop()
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
-                 timeout: float = 600.0, **sampling) -> Generation:
+                 timeout: float = 1200.0, **sampling) -> Generation:
         """Greedy (unless ``sampling`` says otherwise) streamed generation, timed."""
         body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                                     **sampling}, "stream": True}
@@ -180,10 +189,34 @@ class Server:
         if last is None:
             raise ServerError("the server streamed no output")
         meta = last["meta_info"]
-        return Generation(text=last["text"], output_ids=last.get("output_ids", []),
+        return Generation(text=last.get("text", ""), output_ids=last.get("output_ids", []),
                           prompt_tokens=meta["prompt_tokens"],
                           cached_tokens=meta.get("cached_tokens", 0), ttft_s=times[0],
                           total_s=times[-1], token_times=times)
+
+    def next_token_logprobs(self, input_ids: list[int], top_k: int, start: int = 0,
+                            timeout: float = 1200.0) -> "TeacherForced":
+        """Teacher-forced scoring of ``input_ids``: for every position ``t > start`` the
+        model's log-probability of token ``t`` and its ``top_k`` most likely tokens given
+        ``[:t]``.
+
+        One prefill and one output token. SGLang reuses cached KV for at most the first
+        ``start`` tokens (it recomputes from ``logprob_start_len`` on), so ``start > 0`` with
+        a cached ``input_ids[:start]`` scores an extend over a cached prefix.
+        """
+        body = {"input_ids": input_ids, "return_logprob": True, "logprob_start_len": start,
+                "top_logprobs_num": top_k,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+        resp = requests.post(f"{self.url}/generate", json=body, timeout=timeout)
+        if resp.status_code != 200:
+            raise ServerError(f"scoring failed ({resp.status_code}): {resp.text[:300]}")
+        meta = resp.json()["meta_info"]
+        # Position `start` is not scored (SGLang reports None there).
+        token = [lp for lp, _, _ in meta["input_token_logprobs"][1:]]
+        top = meta["input_top_logprobs"][1:]
+        return TeacherForced(token_logprobs=token,
+                             top_ids=[[tid for _, tid, _ in row] for row in top],
+                             top_logprobs=[[lp for lp, _, _ in row] for row in top])
 
     def flush_cache(self) -> None:
         requests.post(f"{self.url}/flush_cache", timeout=60).raise_for_status()

@@ -1,4 +1,4 @@
-"""``python -m sgl_kvtier.eval run FILE.yaml`` and ``python -m sgl_kvtier.eval list``."""
+"""``python -m sgl_kvtier.eval run FILE.yaml``, ``list`` and ``perf BENCH.json``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,20 @@ def _run(path: Path, out: Path) -> int:
     return 0
 
 
+def _perf(bench_json: Path, baselines: Path, tripwire: float) -> int:
+    from sgl_kvtier.eval.perf import report
+
+    if not bench_json.is_file():
+        print(f"perf: no benchmark results at {bench_json} (pytest ended before writing "
+              f"them; see its output above)", file=sys.stderr)
+        return 1
+    table, failures = report(bench_json, baselines, tripwire)
+    print(table)
+    for why in failures:
+        print(f"perf: FAILED: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sgl_kvtier.eval",
@@ -74,9 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     p_list = sub.add_parser("list", help="list the run files and their descriptions")
     p_list.add_argument("--dir", type=Path, default=DEFAULT_CONFIGS,
                         help=f"folder of run files (default: {DEFAULT_CONFIGS})")
+    p_perf = sub.add_parser(
+        "perf", help="report the CI performance checks from a pytest --benchmark-json file",
+        description="One line per benchmark: the in-process ratio against its reference path "
+                    "with its bound, and the fastest round against the committed baseline "
+                    "(a loose tripwire). Exit status 1 if a ratio or the tripwire failed.")
+    p_perf.add_argument("bench_json", type=Path, help="file written by --benchmark-json")
+    p_perf.add_argument("--baselines", type=Path, default=Path("eval/baselines"),
+                        help="pytest-benchmark storage holding the committed baseline "
+                             "(default: eval/baselines)")
+    p_perf.add_argument("--tripwire", type=float, default=2.0,
+                        help="fail when a benchmark's fastest round is this many times the "
+                             "baseline's (default: 2.0)")
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args.dir)
+    if args.command == "perf":
+        return _perf(args.bench_json, args.baselines, args.tripwire)
     return _run(args.file, args.out)
 
 

@@ -51,6 +51,11 @@ def _fields(phase: str, length: int, repeat: int, gen: Generation) -> dict:
             "output_ids": gen.output_ids}
 
 
+def _generate(server: Server, prompt: list[int], work: LatencyWorkload) -> Generation:
+    # Every request decodes the same number of tokens, whatever the model would stop at.
+    return server.generate(prompt, work.decode_tokens, ignore_eos=True)
+
+
 def run_latency(server: Server, restart: Callable[[], Server], tokenizer,
                 work: LatencyWorkload) -> Iterator[dict]:
     """Yield one record body per measurement; ``restart`` restarts and returns the server."""
@@ -58,14 +63,14 @@ def run_latency(server: Server, restart: Callable[[], Server], tokenizer,
     for length, r in cases:
         cold, shared = prompts_for(tokenizer, work, length, r)
         server.flush_cache()
-        yield _fields("cold", length, r, server.generate(cold, work.decode_tokens))
-        yield _fields("repeat", length, r, server.generate(cold, work.decode_tokens))
+        yield _fields("cold", length, r, _generate(server, cold, work))
+        yield _fields("repeat", length, r, _generate(server, cold, work))
         if work.shared_prefix_tokens:
-            yield _fields("shared", length, r, server.generate(shared, work.decode_tokens))
+            yield _fields("shared", length, r, _generate(server, shared, work))
     if not work.restart:
         return
     server = restart()
     for length, r in cases:
         cold, _ = prompts_for(tokenizer, work, length, r)
         server.flush_cache()  # only what survived the restart may serve the prompt
-        yield _fields("restart", length, r, server.generate(cold, work.decode_tokens))
+        yield _fields("restart", length, r, _generate(server, cold, work))

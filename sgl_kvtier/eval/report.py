@@ -1,5 +1,6 @@
-"""Summaries of a run: medians per (server, phase, length), gate verdicts, a Markdown
-report and a plot of time to first token against prompt length."""
+"""Summaries of a run: medians per (server, phase, length), RULER scores, a Markdown report
+(with the agreement table and gate verdicts) and plots of time to first token against
+prompt length and of score against context length."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from sgl_kvtier.eval.spec import Gate
+from sgl_kvtier.eval.gates import gate_name
 
-__all__ = ["summarise", "summarise_scores", "check_gates", "markdown", "plot_ttft",
-           "plot_scores"]
+__all__ = ["summarise", "summarise_scores", "markdown", "plot_ttft", "plot_scores"]
 
 Key = tuple[str, str, int]  # server, phase, target prompt tokens
 
@@ -58,34 +58,22 @@ def _score_table(scores: dict[tuple[str, str, int], dict]) -> list[str]:
     return lines
 
 
-def check_gates(gates: list[Gate], summary: dict[Key, dict]) -> list[dict]:
-    """One verdict per gate: the measured value (or ratio), the bound, pass or fail."""
-    verdicts = []
-    for gate in gates:
-        row = summary.get((gate.server, gate.phase, gate.prompt_tokens))
-        base = summary.get((gate.baseline, gate.phase, gate.prompt_tokens)) if gate.baseline else None
-        if row is None or (gate.baseline and base is None):
-            verdicts.append({"gate": gate, "value": None, "passed": False,
-                             "why": "not measured in this run"})
-            continue
-        value = row[gate.metric] / base[gate.metric] if base else row[gate.metric]
-        if gate.max_ratio is not None:
-            passed, bound = value <= gate.max_ratio, f"<= {gate.max_ratio}"
-        elif gate.min_ratio is not None:
-            passed, bound = value >= gate.min_ratio, f">= {gate.min_ratio}"
-        else:
-            passed, bound = value <= gate.max_value, f"<= {gate.max_value}"
-        verdicts.append({"gate": gate, "value": value, "passed": passed, "why": bound})
-    return verdicts
-
-
-def _gate_name(gate: Gate) -> str:
-    base = f" / {gate.baseline}" if gate.baseline else ""
-    return f"{gate.metric} {gate.phase} @{gate.prompt_tokens}: {gate.server}{base}"
+def _agreement_table(agreed: dict[str, dict]) -> list[str]:
+    lines = ["| server | reference | positions | top-1 agreement | KL mean (nats) | KL max | "
+             "NLL ref | NLL server | greedy identical |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for server, row in agreed.items():
+        teacher = (f"{row['positions']} | {row['top1_agreement']:.4f} | {row['kl']:.3g} | "
+                   f"{row['kl_max']:.3g} | {row['nll_ref']:.4f} | {row['nll_other']:.4f}"
+                   if "positions" in row else "— | — | — | — | — | —")
+        greedy = (f"{row['greedy_match'] * row['greedy_prompts']:.0f}/{row['greedy_prompts']}"
+                  if "greedy_prompts" in row else "—")
+        lines.append(f"| {server} | {row['reference']} | {teacher} | {greedy} |")
+    return lines
 
 
 def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: dict,
-             complete: bool, scores: dict | None = None) -> str:
+             complete: bool, scores: dict | None = None, agreed: dict | None = None) -> str:
     lines = [f"# {title}", ""]
     if not complete:
         lines += ["**INCOMPLETE: the run was interrupted or failed; these numbers are partial.**", ""]
@@ -100,11 +88,14 @@ def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: d
     if scores:
         lines += ["", "RULER score (string match, 0-100), by task and server @ context length:",
                   "", *_score_table(scores)]
+    if agreed:
+        lines += ["", "Agreement with the reference server (teacher-forced next-token "
+                  "distributions; greedy continuations):", "", *_agreement_table(agreed)]
     if verdicts:
         lines += ["", "| gate | measured | bound | result |", "|---|---:|---|---|"]
         for v in verdicts:
-            value = "—" if v["value"] is None else f"{v['value']:.3f}"
-            lines.append(f"| {_gate_name(v['gate'])} | {value} | {v['why']} | "
+            value = "—" if v["value"] is None else f"{v['value']:.4g}"
+            lines.append(f"| {gate_name(v['gate'])} | {value} | {v['why']} | "
                          f"{'pass' if v['passed'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
 

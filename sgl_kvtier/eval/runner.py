@@ -16,7 +16,8 @@ import yaml
 from tqdm import tqdm
 
 from sgl_kvtier.cuda_shim import cpu_engine_env
-from sgl_kvtier.eval import accuracy, latency, report
+from sgl_kvtier.eval import accuracy, agreement, latency, report
+from sgl_kvtier.eval.gates import check_gates
 from sgl_kvtier.eval.records import RunFolder
 from sgl_kvtier.eval.spec import RunSpec, ServerSpec
 from sgl_kvtier.models import resolve_model
@@ -84,8 +85,11 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
             bar.set_postfix_str(f"{server_spec.name}: {work.kind}")
             if work.kind == "latency":
                 bodies = latency.run_latency(current[0], restart, tokenizer, work)
-            else:
+            elif work.kind == "ruler":
                 bodies = accuracy.run_ruler(current[0], tokenizer, work, spec.seed)
+            else:
+                bodies = agreement.run_agreement(current[0], server_spec.name, tokenizer, work,
+                                                 folder.path / "raw")
             for body in bodies:
                 folder.add(server=server_spec.name, **body)
                 bar.update()
@@ -98,21 +102,32 @@ def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
     model_dir = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_dir)
     folder = RunFolder(out_root, spec.name, spec_text, spec.digest())
-    total = len(spec.servers) * sum(
-        (latency if w.kind == "latency" else accuracy).steps(w) for w in spec.workloads)
+    workloads = {"latency": latency, "ruler": accuracy, "agreement": agreement}
+    total = len(spec.servers) * sum(workloads[w.kind].steps(w) for w in spec.workloads)
     complete = False
     try:
         with tqdm(total=total, desc=spec.name, unit="meas", file=sys.stderr) as bar:
             for server_spec in spec.servers:
                 _run_server(spec, server_spec, model_dir, tokenizer, folder, bar)
+        for work in spec.workloads:
+            if work.kind == "agreement":
+                for body in agreement.compare(folder.records, folder.path, work):
+                    folder.add(**body)
         complete = True
     finally:
-        summary = report.summarise(folder.records)
-        verdicts = report.check_gates(spec.gates, summary) if complete else []
-        scores = report.summarise_scores(folder.records)
-        folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
-                                                   complete, scores))
-        report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")
-        report.plot_scores(scores, folder.path / "score.png", f"{spec.name}: RULER score")
+        verdicts = _report(spec, folder, complete)
         folder.close(complete)
     return RunResult(folder, verdicts, complete)
+
+
+def _report(spec: RunSpec, folder: RunFolder, complete: bool) -> list[dict]:
+    """Summary tables, gate verdicts (complete runs only) and plots; returns the verdicts."""
+    summary = report.summarise(folder.records)
+    scores = report.summarise_scores(folder.records)
+    agreed = agreement.summarise_agreement(folder.records)
+    verdicts = check_gates(spec.gates, summary, scores, agreed) if complete else []
+    folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
+                                               complete, scores, agreed))
+    report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")
+    report.plot_scores(scores, folder.path / "score.png", f"{spec.name}: RULER score")
+    return verdicts

@@ -14,6 +14,8 @@ Example (``eval/configs/quickstart.yaml``)::
     gates:
       - {metric: ttft_s, phase: repeat, server: kvtier, baseline: torch_native,
          prompt_tokens: 2048, max_ratio: 0.5}
+
+Gates are described in :mod:`sgl_kvtier.eval.gates`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sgl_kvtier.config import ConfigError, config_from_dict
+from sgl_kvtier.eval.gates import AgreementGate, Gate, ScoreGate
 
-__all__ = ["RunSpec", "ServerSpec", "LatencyWorkload", "RulerWorkload", "Gate", "load_spec"]
+__all__ = ["RunSpec", "ServerSpec", "LatencyWorkload", "RulerWorkload", "AgreementWorkload",
+           "load_spec"]
 
 
 class _Strict(BaseModel):
@@ -93,30 +97,27 @@ class RulerWorkload(_Strict):
         return self
 
 
-Workload = Annotated[LatencyWorkload | RulerWorkload, Field(discriminator="kind")]
+class AgreementWorkload(_Strict):
+    """Do two configurations compute the same thing? Every server is compared with
+    ``reference``: teacher-forced next-token distributions over long essay texts (top-1
+    agreement, KL divergence, negative log-likelihood) and greedy continuations of essay
+    prompts (exact match)."""
+
+    kind: Literal["agreement"]
+    reference: str = Field(description="server the others are compared with")
+    lengths: list[int] = Field(min_length=1, description="teacher-forced text lengths")
+    texts: int = Field(2, gt=0, description="texts per length")
+    top_k: int = Field(20, gt=0, le=100, description="logprobs kept per position for KL")
+    cached_prefix: float = Field(0.5, ge=0, lt=1, description=(
+        "fraction of each text prefilled (so cached) first and not scored: the rest is "
+        "scored as an extend over a cached prefix"))
+    greedy_prompts: int = Field(4, ge=0)
+    greedy_prompt_tokens: int = Field(1024, gt=0)
+    greedy_tokens: int = Field(32, gt=0)
 
 
-class Gate(_Strict):
-    """A pass/fail check on the median of a metric, as a ratio to a baseline server when
-    ``baseline`` is given (ratios taken in one run are robust to machine noise)."""
-
-    metric: Literal["ttft_s", "decode_s_per_token"]
-    phase: Literal["cold", "repeat", "shared", "restart"]
-    server: str
-    baseline: str | None = None
-    prompt_tokens: int
-    max_ratio: float | None = Field(None, gt=0)
-    min_ratio: float | None = Field(None, gt=0)
-    max_value: float | None = None
-
-    @model_validator(mode="after")
-    def _one_bound(self):
-        bounds = [self.max_ratio, self.min_ratio, self.max_value]
-        if sum(b is not None for b in bounds) != 1:
-            raise ValueError("give exactly one of max_ratio, min_ratio, max_value")
-        if (self.max_value is None) != (self.baseline is not None):
-            raise ValueError("ratios need a baseline server; max_value must have none")
-        return self
+Workload = Annotated[LatencyWorkload | RulerWorkload | AgreementWorkload,
+                     Field(discriminator="kind")]
 
 
 class RunSpec(_Strict):
@@ -134,11 +135,29 @@ class RunSpec(_Strict):
         names = [s.name for s in self.servers]
         if len(set(names)) != len(names):
             raise ValueError(f"server names must be unique: {names}")
-        for gate in self.gates:
-            for ref in (gate.server, gate.baseline):
-                if ref is not None and ref not in names:
-                    raise ValueError(f"gate names server {ref!r}; servers are {names}")
+        refs = [(f"gate {i}", g.server) for i, g in enumerate(self.gates)]
+        refs += [(f"gate {i}", g.baseline) for i, g in enumerate(self.gates)
+                 if getattr(g, "baseline", None) is not None]
+        refs += [("agreement reference", w.reference) for w in self.workloads
+                 if w.kind == "agreement"]
+        for what, ref in refs:
+            if ref not in names:
+                raise ValueError(f"{what} names server {ref!r}; servers are {names}")
+        self._gates_have_workloads()
         return self
+
+    def _gates_have_workloads(self) -> None:
+        kinds = [w.kind for w in self.workloads]
+        if kinds.count("agreement") > 1:
+            raise ValueError("at most one agreement workload per run file")
+        for gate in self.gates:
+            if isinstance(gate, AgreementGate) and "agreement" not in kinds:
+                raise ValueError(f"gate on {gate.metric} needs an agreement workload")
+            if isinstance(gate, ScoreGate):
+                tasks = {t for w in self.workloads if w.kind == "ruler" for t in w.tasks}
+                if gate.task != "mean" and gate.task not in tasks:
+                    raise ValueError(f"score gate on task {gate.task!r}, which no ruler "
+                                     f"workload runs")
 
     def digest(self) -> str:
         """Short hash of the whole run file, tagged on every record."""
@@ -159,13 +178,15 @@ def load_spec(path: str | Path) -> RunSpec:
     except ValidationError as e:
         first = e.errors()[0]
         loc = first["loc"]
-        # Drop the union tag pydantic inserts after a workload's index (workloads.0.ruler.x).
+        # Drop the union tag pydantic inserts after a list index (workloads.0.ruler.x).
         parts = [p for i, p in enumerate(loc)
-                 if not (i > 1 and loc[i - 2] == "workloads" and p in ("latency", "ruler"))]
+                 if not (i > 1 and loc[i - 2] in ("workloads", "gates") and isinstance(p, str))]
         key = ".".join(str(p) for p in parts) or "(top level)"
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif first["type"] == "union_tag_invalid" and loc[0] == "workloads":
+            msg = f"unknown workload kind; this version runs: latency, ruler, agreement ({msg})"
         elif first["type"] == "union_tag_invalid":
-            msg = f"unknown workload kind; this version runs: latency, ruler ({msg})"
+            msg = f"unknown gate metric ({msg})"
         raise ConfigError(f"eval run {path}: {key}: {msg}") from None

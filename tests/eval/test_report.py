@@ -1,7 +1,7 @@
 """Summaries, gates, the Markdown report and the plot, from records of a known shape."""
 
-from sgl_kvtier.eval.report import check_gates, markdown, plot_ttft, summarise
-from sgl_kvtier.eval.spec import Gate
+from sgl_kvtier.eval.gates import AgreementGate, LatencyGate as Gate, ScoreGate, check_gates
+from sgl_kvtier.eval.report import markdown, plot_ttft, summarise
 
 TAGS = {"git_commit": "abc", "sglang_version": "0.5.23", "hardware": "cpu x2",
         "config_hash": "123"}
@@ -68,3 +68,31 @@ def test_ruler_scores_table_and_plot(tmp_path):
     text = markdown("t", {}, [], TAGS, True, scores)
     assert "| vt | 75.0 (n=2) | 100.0 (n=1) |" in text and "| mean | 37.5 | 100.0 |" in text
     assert plot_scores(scores, tmp_path / "s.png", "t").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_score_and_agreement_gates():
+    from sgl_kvtier.eval.report import summarise_scores
+
+    def r(server, task, score):
+        return {"workload": "ruler", "server": server, "task": task, "length": 512,
+                "score": score}
+
+    scores = summarise_scores([r("a", "vt", 100.0), r("b", "vt", 80.0), r("a", "fwe", 50.0),
+                               r("b", "fwe", 50.0)])
+    agreed = {"b": {"reference": "a", "top1_agreement": 0.995, "kl": 2e-4,
+                    "greedy_match": 0.75}}
+    gates = [ScoreGate(metric="score", server="b", baseline="a", task="vt", length=512,
+                       max_drop=10.0),
+             ScoreGate(metric="score", server="b", length=512, min_value=60.0),
+             ScoreGate(metric="score", server="b", length=1024, min_value=1.0),
+             AgreementGate(metric="top1_agreement", server="b", min_value=0.99),
+             AgreementGate(metric="kl", server="b", max_value=1e-4),
+             AgreementGate(metric="greedy_match", server="c", min_value=0.5)]
+    drop, mean, missing, top1, kl, nobody = check_gates(gates, {}, scores, agreed)
+    assert drop["value"] == 20.0 and not drop["passed"] and drop["why"] == "<= 10.0"
+    assert mean["value"] == 65.0 and mean["passed"]
+    assert not missing["passed"] and missing["why"] == "not measured in this run"
+    assert top1["passed"] and not kl["passed"] and not nobody["passed"]
+    text = markdown("t", {}, [drop, top1], TAGS, True, scores, agreed)
+    assert "| score vt @512: b / a | 20 | <= 10.0 | FAIL |" in text
+    assert "| top1_agreement: b vs reference | 0.995 | >= 0.99 | pass |" in text

@@ -101,3 +101,25 @@ def test_ctrl_c_stops_the_server_and_marks_the_run_incomplete(tmp_path):
     assert "INCOMPLETE" in (folder / "summary.md").read_text()
     ready = [e["pid"] for e in events(folder) if e["event"] == "ready"]
     assert ready and not any(alive(p) for p in ready)
+
+
+def test_dummy_weights_shape_runs_with_a_borrowed_tokenizer(tmp_path):
+    # The mechanism of gpu_llama8b.yaml (a published shape, random weights, a tokenizer
+    # smaller than the model's vocabulary), at a size a CPU runs in seconds.
+    spec = """
+name: dummy
+model: tiny-llama-test
+server_defaults: [--device, cpu, --dtype, float32, --max-total-tokens, "8192",
+                  --sleep-on-idle, --load-format, dummy]
+servers:
+  - {name: kvtier, args: [--enable-kvtier], kvtier: {}}
+workloads:
+  - {kind: latency, lengths: [256], decode_tokens: 8, restart: false}
+"""
+    (tmp_path / "dummy.yaml").write_text(spec)
+    assert main(["run", str(tmp_path / "dummy.yaml"), "--out", str(tmp_path / "runs")]) == 0
+    folder = next((tmp_path / "runs").iterdir())
+    records = [json.loads(l) for l in (folder / "records.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["cold", "repeat"]
+    assert records[1]["cached_tokens"] == 255 and len(records[0]["output_ids"]) == 8
+    assert records[0]["output_ids"] == records[1]["output_ids"]

@@ -49,7 +49,19 @@ def test_good_file_parses_and_hash_is_stable(tmp_path):
     (("kind: latency", "kind: ruler"), "workloads.0.tasks: Field required"),
     (("{kind: latency, lengths: [64]}", "{kind: ruler, tasks: [cwe], lengths: [64]}"),
      "unknown RULER task 'cwe'"),
-    (("baseline: a", "baseline: c"), "gate names server 'c'"),
+    (("baseline: a", "baseline: c"), "gate 0 names server 'c'"),
+    (("metric: ttft_s", "metric: speed"), "gates.0: unknown gate metric"),
+    (("phase: repeat", "phase: warm"), "gates.0.phase: Input should be"),
+    (("max_ratio: 1.0}", "max_ratio: 1.0}\n  - {metric: kl, server: b, max_value: 0.1}"),
+     "gate on kl needs an agreement workload"),
+    (("max_ratio: 1.0}", "max_ratio: 1.0}\n  - {metric: score, server: b, task: vt, length: 64, "
+                          "min_value: 50}"), "score gate on task 'vt', which no ruler"),
+    (("max_ratio: 1.0}", "max_ratio: 1.0}\n  - {metric: score, server: b, length: 64, "
+                          "max_drop: 5}"), "max_drop needs a baseline server"),
+    (("{kind: latency, lengths: [64]}", "{kind: agreement, reference: z, lengths: [64]}"),
+     "agreement reference names server 'z'"),
+    (("{kind: latency, lengths: [64]}", "{kind: agreement, reference: a, lengths: [64], "
+                                        "top_k: 500}"), "workloads.0.top_k"),
     (("kvtier: {}", "kvtier: {tier: {chunk_tokens: -1}}"), "tier.chunk_tokens"),
     (("args: [--enable-kvtier], ", "args: [], "), "a kvtier config needs --enable-kvtier"),
     (("max_ratio: 1.0", "max_ratio: 1.0, min_ratio: 0.1"), "exactly one of"),

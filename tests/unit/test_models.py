@@ -46,3 +46,20 @@ def test_cli_prints_path(smollm2, capsys):
 def test_resolve_rejects_unknown_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an embedded model"):
         resolve_model(str(tmp_path / "nothing"))
+
+
+def test_dummy_weight_shapes_have_published_config_and_a_tokenizer(tmp_path, monkeypatch, smollm2):
+    from sgl_kvtier.model_shapes import SHAPES
+
+    monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("sgl_kvtier.models.model_path", lambda name: smollm2)
+    path = resolve_model("llama-3.1-8b")
+    assert path == tmp_path / "shapes" / "llama-3.1-8b"
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 32 and config["num_key_value_heads"] == 8
+    assert config["hidden_size"] == 4096 and config["vocab_size"] == 128256
+    assert (path / "tokenizer.json").is_file() and not list(path.glob("*.safetensors"))
+    mtime = (path / "config.json").stat().st_mtime_ns
+    assert resolve_model("llama-3.1-8b") == path  # reused, not rewritten
+    assert (path / "config.json").stat().st_mtime_ns == mtime
+    assert set(SHAPES) >= {"llama-3.1-8b", "tiny-llama-test"}

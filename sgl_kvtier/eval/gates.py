@@ -1,0 +1,134 @@
+"""Gates: pass/fail checks on what a run measured.
+
+Three kinds, told apart by ``metric``:
+
+- latency (``ttft_s``, ``decode_s_per_token``): the median of a phase at one prompt length,
+  as a ratio to a baseline server measured in the same run (robust to machine noise), or
+  an absolute bound (only meaningful on a dedicated machine);
+- RULER ``score``: a task's (or the task mean's) score at one length, absolute or as the
+  drop in points from a baseline server;
+- agreement (``top1_agreement``, ``kl``, ``greedy_match``): a server against the agreement
+  workload's reference server.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Gate", "LatencyGate", "ScoreGate", "AgreementGate", "check_gates", "gate_name"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class LatencyGate(_Strict):
+    metric: Literal["ttft_s", "decode_s_per_token"]
+    phase: Literal["cold", "repeat", "shared", "restart"]
+    server: str
+    baseline: str | None = None
+    prompt_tokens: int
+    max_ratio: float | None = Field(None, gt=0)
+    min_ratio: float | None = Field(None, gt=0)
+    max_value: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        bounds = [self.max_ratio, self.min_ratio, self.max_value]
+        if sum(b is not None for b in bounds) != 1:
+            raise ValueError("give exactly one of max_ratio, min_ratio, max_value")
+        if (self.max_value is None) != (self.baseline is not None):
+            raise ValueError("ratios need a baseline server; max_value must have none")
+        return self
+
+
+class ScoreGate(_Strict):
+    metric: Literal["score"]
+    server: str
+    baseline: str | None = None
+    task: str = Field("mean", description="a RULER task, or the mean over the run's tasks")
+    length: int
+    min_value: float | None = Field(None, ge=0, le=100)
+    max_drop: float | None = Field(None, ge=0, description="points below the baseline")
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if (self.min_value is None) == (self.max_drop is None):
+            raise ValueError("give exactly one of min_value, max_drop")
+        if (self.max_drop is None) != (self.baseline is None):
+            raise ValueError("max_drop needs a baseline server; min_value must have none")
+        return self
+
+
+class AgreementGate(_Strict):
+    metric: Literal["top1_agreement", "kl", "greedy_match"]
+    server: str
+    min_value: float | None = None
+    max_value: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if (self.min_value is None) == (self.max_value is None):
+            raise ValueError("give exactly one of min_value, max_value")
+        return self
+
+
+Gate = Annotated[LatencyGate | ScoreGate | AgreementGate, Field(discriminator="metric")]
+
+
+def gate_name(gate) -> str:
+    base = f" / {gate.baseline}" if getattr(gate, "baseline", None) else ""
+    if isinstance(gate, LatencyGate):
+        return f"{gate.metric} {gate.phase} @{gate.prompt_tokens}: {gate.server}{base}"
+    if isinstance(gate, ScoreGate):
+        return f"score {gate.task} @{gate.length}: {gate.server}{base}"
+    return f"{gate.metric}: {gate.server} vs reference"
+
+
+def _measure(gate, latency: dict, scores: dict, agreement: dict) -> float | None:
+    if isinstance(gate, LatencyGate):
+        row = latency.get((gate.server, gate.phase, gate.prompt_tokens))
+        if gate.baseline is None:
+            return None if row is None else row[gate.metric]
+        base = latency.get((gate.baseline, gate.phase, gate.prompt_tokens))
+        return None if row is None or base is None else row[gate.metric] / base[gate.metric]
+    if isinstance(gate, ScoreGate):
+        row = scores.get((gate.server, gate.task, gate.length))
+        if gate.baseline is None:
+            return None if row is None else row["score"]
+        base = scores.get((gate.baseline, gate.task, gate.length))
+        return None if row is None or base is None else base["score"] - row["score"]
+    row = agreement.get(gate.server)
+    return None if row is None or row.get(gate.metric) is None else row[gate.metric]
+
+
+def _bound(gate) -> tuple[str, float]:
+    for field, op in (("max_ratio", "<="), ("min_ratio", ">="), ("max_value", "<="),
+                      ("min_value", ">="), ("max_drop", "<=")):
+        value = getattr(gate, field, None)
+        if value is not None:
+            return op, value
+    raise AssertionError(f"gate without a bound: {gate}")
+
+
+def check_gates(gates: list, latency: dict, scores: dict | None = None,
+                agreement: dict | None = None) -> list[dict]:
+    """One verdict per gate: ``{"gate", "value", "passed", "why"}``.
+
+    ``latency`` maps (server, phase, length) to medians (:func:`report.summarise`),
+    ``scores`` (server, task, length) to mean scores, ``agreement`` a server to its
+    agreement with the reference server.
+    """
+    verdicts = []
+    for gate in gates:
+        value = _measure(gate, latency, scores or {}, agreement or {})
+        if value is None:
+            verdicts.append({"gate": gate, "value": None, "passed": False,
+                             "why": "not measured in this run"})
+            continue
+        op, bound = _bound(gate)
+        passed = value <= bound if op == "<=" else value >= bound
+        verdicts.append({"gate": gate, "value": value, "passed": passed, "why": f"{op} {bound}"})
+    return verdicts

@@ -1,0 +1,54 @@
+"""The CI performance report: ratios against their bounds, the tripwire against a saved
+baseline, and a plain sentence for each failure."""
+
+import json
+
+from sgl_kvtier.eval.__main__ import main
+from sgl_kvtier.eval.perf import machine_id, report
+
+
+def bench(name, fastest, ratio=None, bound=None):
+    extra = {} if ratio is None else {"ratio_name": f"{name} ratio", "ratio": ratio,
+                                      "max_ratio": bound}
+    return {"name": name, "fullname": f"tests/perf/t.py::{name}", "extra_info": extra,
+            "stats": {"min": fastest, "median": fastest * 1.1}}
+
+
+def write(path, benches):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmarks": benches}))
+    return path
+
+
+def test_everything_within_bounds(tmp_path):
+    now = write(tmp_path / "now.json", [bench("a", 0.010, 0.02, 0.25), bench("b", 0.005)])
+    write(tmp_path / "base" / machine_id() / "0001_cpu.json",
+          [bench("a", 0.008), bench("b", 0.005)])
+    table, failures = report(now, tmp_path / "base")
+    assert failures == []
+    assert "| a | 0.020 (bound 0.25) | 10.00 | 1.25x |" in table
+    assert "| b | — | 5.00 | 1.00x |" in table and "0001_cpu.json" in table
+
+
+def test_failures_name_the_ratio_and_the_tripwire(tmp_path, capsys):
+    now = write(tmp_path / "now.json", [bench("a", 0.010, 0.30, 0.25), bench("b", 0.030)])
+    base = tmp_path / "base" / machine_id()
+    write(base / "0001_old.json", [bench("b", 0.001)])
+    write(base / "0002_new.json", [bench("a", 0.010), bench("b", 0.010)])  # newest wins
+    table, failures = report(now, tmp_path / "base")
+    assert failures == ["a ratio: ratio 0.300 is above its bound 0.25 by 20%",
+                        "tests/perf/t.py::b: fastest round 3.00x the baseline's (tripwire 2.0x)"]
+    assert "| a **FAIL** |" in table and "| b **FAIL** |" in table
+    assert main(["perf", str(now), "--baselines", str(tmp_path / "base")]) == 1
+    assert "perf: FAILED: a ratio: ratio 0.300" in capsys.readouterr().err
+
+
+def test_no_baseline_for_this_machine_skips_only_the_tripwire(tmp_path, capsys):
+    now = write(tmp_path / "now.json", [bench("a", 0.010, 0.02, 0.25)])
+    assert main(["perf", str(now), "--baselines", str(tmp_path / "none")]) == 0
+    assert "no baseline for machine id" in capsys.readouterr().out
+
+
+def test_missing_results_file_is_one_clear_line(tmp_path, capsys):
+    assert main(["perf", str(tmp_path / "absent.json")]) == 1
+    assert "no benchmark results at" in capsys.readouterr().err
