@@ -3,8 +3,9 @@
 ``register`` is the ``sglang.srt.plugins`` entry point. SGLang calls it in every process
 (launcher, scheduler, detokenizer). It is idempotent, imports nothing heavy and never
 initialises CUDA. Without ``--enable-kvtier`` it only adds the two command-line flags;
-with it, it also registers the ``kvtier`` attention backend and the scheduler hooks, then
-checks that every hook target resolved (a miss stops the process with one line).
+with it, it also registers the ``kvtier`` attention backend, the ``kvtier`` radix-cache
+backend (the NVMe tier) and the scheduler hooks, then checks that every hook target
+resolved (a miss stops the process with one line).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def register() -> None:
         HookRegistry.register(target, fn, kind)
     _registered.extend(target for target, _, _ in hooks)
     if enabled and not _state.is_launcher():
-        from sgl_kvtier.patches import attention_backend
+        from sgl_kvtier.patches import attention_backend, tier_cache
 
         attention_backend.install()
+        tier_cache.install()
     # Apply now (SGLang applies again after all plugins; patched targets are skipped) so
     # that version drift is caught here, at start, rather than at first use.
     HookRegistry.apply_hooks()

@@ -7,7 +7,8 @@ Targets (verified on SGLang 0.5.23):
 - ``sglang.srt.server_args.ServerArgs.from_cli_args`` (AFTER): validates the kvtier YAML
   (a mistake ends the process before the model loads), stores the parsed config on the
   record as ``_kvtier`` (underscore attributes survive the pickling into the scheduler
-  process), selects the ``kvtier`` attention backend and prepares CPU-only hosts.
+  process), selects the ``kvtier`` attention backend, the ``kvtier`` radix cache when the
+  NVMe tier is enabled, and prepares CPU-only hosts.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def _from_cli_args(server_args, cls, args: argparse.Namespace):
         raise SystemExit(2) from None
     server_args._kvtier = {"config": config.model_dump(), "config_path": args.kvtier_config}
     _select_attention_backend(server_args, args)
+    if config.tier.enabled:
+        _select_radix_cache(server_args, args)
     if args.device == "cpu":
         _prepare_cpu_host()
     # Spawned SGLang processes re-run the plugin; this tells them kvtier is on before
@@ -73,6 +76,19 @@ def _select_attention_backend(server_args, args: argparse.Namespace) -> None:
     else:
         log.warning("sgl_kvtier: --attention-backend %s given explicitly; the kvtier attention "
                     "backend is not used", chosen)
+
+
+def _select_radix_cache(server_args, args: argparse.Namespace) -> None:
+    chosen = getattr(args, "radix_cache_backend", None)
+    if getattr(args, "disable_radix_cache", False):
+        log.warning("sgl_kvtier: --disable-radix-cache is given: the NVMe tier has nothing to "
+                    "extend and stays off")
+    elif chosen not in (None, "kvtier"):
+        print(f"sgl_kvtier: tier.enabled needs the kvtier radix cache; --radix-cache-backend "
+              f"{chosen} was given (drop it, or disable the tier)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    else:
+        server_args.radix_cache_backend = "kvtier"
 
 
 def _prepare_cpu_host() -> None:

@@ -3,7 +3,8 @@
 Target (SGLang 0.5.23): ``sglang.srt.managers.scheduler.Scheduler.get_internal_state``
 (AFTER). Adds ``internal_states[i]["kvtier"]``: the kvtier configuration as the scheduler
 parsed it from its server arguments, its process id, the attention backend in use and its
-counters (decode steps attended in place versus gathered).
+counters (decode steps attended in place versus gathered), the radix cache class and the
+NVMe tier's counters (``None`` without the tier).
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ def _get_internal_state(result, scheduler, *args, **kwargs):
         "scheduler_pid": os.getpid(),
         "attention_backend": type(runner.attn_backend).__name__,
         "attention_stats": dict(getattr(runner.attn_backend, "stats", {})),
+        "radix_cache": type(scheduler.tree_cache).__name__,
+        "tier": _tier_state(scheduler.tree_cache),
     }
     return result
+
+
+def _tier_state(tree_cache) -> dict | None:
+    state = getattr(tree_cache, "tier_state", None)
+    return state() if state is not None else None
 
 
 HOOKS = [("sglang.srt.managers.scheduler.Scheduler.get_internal_state", _get_internal_state,

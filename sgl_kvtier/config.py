@@ -66,11 +66,15 @@ class TierConfig(_Section):
     """NVMe tier: radix-cache prefixes spill to local disk and come back."""
 
     enabled: bool = False
-    path: str = "~/.cache/sgl_kvtier/tier"
+    path: str = Field("~/.cache/sgl_kvtier/tier", description="directory of chunk files")
     chunk_tokens: int = Field(256, gt=0, description="tokens per chunk file")
-    capacity: Size = Field(parse_size("64GiB"), description="disk bytes the tier may use")
-    admission: Literal["always", "second_hit"] = "second_hit"
-    read_bandwidth_limit: Size | None = Field(None, description="emulated read cap, bytes/s")
+    capacity: Size = Field(parse_size("64GiB"), gt=0, description="disk bytes the tier may use")
+    admission: Literal["always", "second_hit"] = Field(
+        "second_hit", description="write every computed chunk, or only on its second use")
+    read_bandwidth_limit: Size | None = Field(None, gt=0, description=(
+        "cap on the tier's read rate, bytes/s, to emulate slower storage (benchmarks)"))
+    io_threads: int = Field(4, gt=0, le=64, description="chunk reads in flight")
+    direct_io: bool = Field(True, description="O_DIRECT reads and writes where allowed")
 
 
 class PrefillConfig(_Section):
@@ -96,8 +100,7 @@ class SparseConfig(_Section):
 
 # Features whose implementation has not landed yet. Enabling one is refused at parse time
 # rather than silently ignored.
-_NOT_YET = {"tier": "the NVMe tier", "prefill": "bidirectional prefill",
-            "sparse": "sparse decode"}
+_NOT_YET = {"prefill": "bidirectional prefill", "sparse": "sparse decode"}
 
 
 class KVTierConfig(_Section):

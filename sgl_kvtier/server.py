@@ -38,6 +38,7 @@ class Generation:
     ttft_s: float  # request sent -> first streamed chunk
     total_s: float
     token_times: list[float] = field(default_factory=list, repr=False)
+    cached_details: dict = field(default_factory=dict)  # e.g. {"device": 0, "host": 2047}
 
     @property
     def decode_s_per_token(self) -> float:
@@ -91,12 +92,16 @@ class Server:
         File receiving the server's stdout and stderr.
     env : dict, optional
         The server's whole environment (default: a copy of this process's).
+    rlimits : dict, optional
+        ``resource.RLIMIT_*`` -> limit for the server's processes (e.g. a file size cap to
+        make its disk writes fail).
     """
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0, rlimits: dict[int, int] | None = None):
         self.args, self.log_path = list(args), Path(log_path)
         self.env = dict(os.environ if env is None else env)
+        self.rlimits = dict(rlimits or {})
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -111,7 +116,8 @@ class Server:
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=self._apply_rlimits if self.rlimits else None)
         atexit.register(self.stop)
         try:
             self._wait_ready()
@@ -119,6 +125,12 @@ class Server:
             self.stop()
             raise
         return self
+
+    def _apply_rlimits(self) -> None:
+        import resource
+
+        for which, limit in self.rlimits.items():
+            resource.setrlimit(which, (limit, limit))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -168,10 +180,14 @@ class Server:
         self.stop()
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
-                 timeout: float = 1200.0, **sampling) -> Generation:
-        """Greedy (unless ``sampling`` says otherwise) streamed generation, timed."""
+                 timeout: float = 1200.0, cache_salt: str | None = None,
+                 **sampling) -> Generation:
+        """Greedy (unless ``sampling`` says otherwise) streamed generation, timed.
+        ``cache_salt`` scopes prefix reuse to requests with the same salt (a tenant)."""
         body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                                     **sampling}, "stream": True}
+        if cache_salt is not None:
+            body["cache_salt"] = cache_salt
         body["input_ids" if isinstance(prompt, list) else "text"] = prompt
         start = time.perf_counter()
         times, last = [], None
@@ -192,7 +208,8 @@ class Server:
         return Generation(text=last.get("text", ""), output_ids=last.get("output_ids", []),
                           prompt_tokens=meta["prompt_tokens"],
                           cached_tokens=meta.get("cached_tokens", 0), ttft_s=times[0],
-                          total_s=times[-1], token_times=times)
+                          total_s=times[-1], token_times=times,
+                          cached_details=meta.get("cached_tokens_details") or {})
 
     def next_token_logprobs(self, input_ids: list[int], top_k: int, start: int = 0,
                             timeout: float = 1200.0) -> "TeacherForced":

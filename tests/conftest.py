@@ -5,10 +5,6 @@ import pytest
 from sgl_kvtier.cuda_shim import cpu_engine_env
 from sgl_kvtier.models import model_path
 
-# Server tests run on float32: bfloat16 matmuls are ~100x slower on CPUs without
-# AVX512-BF16 or AMX, and both configurations compared use the same dtype.
-SERVER_BASE = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "32768",
-               "--sleep-on-idle"]  # an idle scheduler otherwise spins on a core
 _OURS = ("KVTIER_ENABLED", "SGLANG_USE_CPU_ENGINE", "LD_LIBRARY_PATH")
 
 

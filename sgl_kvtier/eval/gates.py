@@ -3,8 +3,9 @@
 Three kinds, told apart by ``metric``:
 
 - latency (``ttft_s``, ``decode_s_per_token``): the median of a phase at one prompt length,
-  as a ratio to a baseline server measured in the same run (robust to machine noise), or
-  an absolute bound (only meaningful on a dedicated machine);
+  as a ratio to a baseline server (or to another phase: restart against repeat) measured
+  in the same run (robust to machine noise), or an absolute bound (only meaningful on a
+  dedicated machine);
 - RULER ``score``: a task's (or the task mean's) score at one length, absolute or as the
   drop in points from a baseline server;
 - agreement (``top1_agreement``, ``kl``, ``greedy_match``): a server against the agreement
@@ -24,11 +25,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+Phase = Literal["cold", "repeat", "shared", "restart"]
+
+
 class LatencyGate(_Strict):
     metric: Literal["ttft_s", "decode_s_per_token"]
-    phase: Literal["cold", "repeat", "shared", "restart"]
+    phase: Phase
     server: str
     baseline: str | None = None
+    baseline_phase: Phase | None = Field(None, description="default: the same phase")
     prompt_tokens: int
     max_ratio: float | None = Field(None, gt=0)
     min_ratio: float | None = Field(None, gt=0)
@@ -41,6 +46,8 @@ class LatencyGate(_Strict):
             raise ValueError("give exactly one of max_ratio, min_ratio, max_value")
         if (self.max_value is None) != (self.baseline is not None):
             raise ValueError("ratios need a baseline server; max_value must have none")
+        if self.baseline_phase is not None and self.baseline is None:
+            raise ValueError("baseline_phase needs a baseline server")
         return self
 
 
@@ -81,6 +88,8 @@ Gate = Annotated[LatencyGate | ScoreGate | AgreementGate, Field(discriminator="m
 def gate_name(gate) -> str:
     base = f" / {gate.baseline}" if getattr(gate, "baseline", None) else ""
     if isinstance(gate, LatencyGate):
+        if gate.baseline_phase and gate.baseline_phase != gate.phase:
+            base = f" / {gate.baseline} {gate.baseline_phase}"
         return f"{gate.metric} {gate.phase} @{gate.prompt_tokens}: {gate.server}{base}"
     if isinstance(gate, ScoreGate):
         return f"score {gate.task} @{gate.length}: {gate.server}{base}"
@@ -92,7 +101,8 @@ def _measure(gate, latency: dict, scores: dict, agreement: dict) -> float | None
         row = latency.get((gate.server, gate.phase, gate.prompt_tokens))
         if gate.baseline is None:
             return None if row is None else row[gate.metric]
-        base = latency.get((gate.baseline, gate.phase, gate.prompt_tokens))
+        base = latency.get((gate.baseline, gate.baseline_phase or gate.phase,
+                            gate.prompt_tokens))
         return None if row is None or base is None else row[gate.metric] / base[gate.metric]
     if isinstance(gate, ScoreGate):
         row = scores.get((gate.server, gate.task, gate.length))

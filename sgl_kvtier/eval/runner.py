@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,7 @@ from sgl_kvtier.eval.records import RunFolder
 from sgl_kvtier.eval.spec import RunSpec, ServerSpec
 from sgl_kvtier.models import resolve_model
 from sgl_kvtier.prompts import load_tokenizer
-from sgl_kvtier.server import Server
+from sgl_kvtier.server import Server, ServerError
 
 __all__ = ["RunResult", "run"]
 
@@ -40,9 +41,18 @@ def _server_args(spec: RunSpec, server: ServerSpec, model_dir: Path, folder: Run
     args = [*spec.server_defaults, *server.args, "--model-path", str(model_dir)]
     if server.kvtier is not None:
         path = folder.path / f"kvtier-{server.name}.yaml"
-        path.write_text(yaml.safe_dump(server.kvtier))
+        path.write_text(yaml.safe_dump(_in_run_folder(server.kvtier, folder.path)))
         args += ["--kvtier-config", str(path)]
     return args
+
+
+def _in_run_folder(kvtier: dict, run_dir: Path) -> dict:
+    """``{run_dir}`` in ``tier.path`` becomes this run's folder: a fresh tier per run, so
+    no chunk of an earlier run turns a cold measurement into a disk hit."""
+    tier = kvtier.get("tier") or {}
+    if "{run_dir}" not in str(tier.get("path", "")):
+        return kvtier
+    return {**kvtier, "tier": {**tier, "path": tier["path"].replace("{run_dir}", str(run_dir))}}
 
 
 def _env(args: list[str]) -> dict[str, str]:
@@ -51,6 +61,19 @@ def _env(args: list[str]) -> dict[str, str]:
     if "--device" in args and args[args.index("--device") + 1] == "cpu":
         return {**os.environ, **cpu_engine_env()}
     return dict(os.environ)
+
+
+def _settle_tier(server: Server, timeout: float = 600.0) -> None:
+    """Wait until the server's NVMe tier (if any) copied and wrote everything queued, so a
+    restart measures what the tier keeps, not what it happened to finish."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = server.server_info().get("internal_states", [{}])
+        tier = (states[0].get("kvtier") or {}).get("tier") or {}
+        if not tier or (tier["copies_pending"] == 0 and tier["write_queue_depth"] == 0):
+            return
+        time.sleep(0.2)
+    raise ServerError(f"the NVMe tier still had writes queued after {timeout:.0f} s")
 
 
 def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokenizer,
@@ -76,6 +99,7 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
     current = [start()]
 
     def restart() -> Server:
+        _settle_tier(current[0])
         stop()
         current[0] = start()
         return current[0]

@@ -96,3 +96,17 @@ def test_score_and_agreement_gates():
     text = markdown("t", {}, [drop, top1], TAGS, True, scores, agreed)
     assert "| score vt @512: b / a | 20 | <= 10.0 | FAIL |" in text
     assert "| top1_agreement: b vs reference | 0.995 | >= 0.99 | pass |" in text
+
+
+def test_latency_gate_against_another_phase():
+    records = [rec("t", "restart", 512, 0.30), rec("t", "repeat", 512, 0.25),
+               rec("t", "cold", 512, 3.0)]
+    s = summarise(records)
+    near = Gate(metric="ttft_s", phase="restart", server="t", baseline="t",
+                baseline_phase="repeat", prompt_tokens=512, max_ratio=1.3)
+    faster = Gate(metric="ttft_s", phase="restart", server="t", baseline="t",
+                  baseline_phase="cold", prompt_tokens=512, max_ratio=0.05)
+    v_near, v_faster = check_gates([near, faster], s)
+    assert v_near["passed"] and abs(v_near["value"] - 1.2) < 1e-9
+    assert not v_faster["passed"] and abs(v_faster["value"] - 0.1) < 1e-9
+    assert "ttft_s restart @512: t / t repeat" in markdown("t", s, [v_near], TAGS, True)

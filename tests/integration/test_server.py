@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import SERVER_BASE
+from serverlib import SERVER_BASE
 from sgl_kvtier import __version__
 from sgl_kvtier.config import load_config
 from sgl_kvtier.prompts import load_tokenizer, token_prompt

@@ -17,6 +17,13 @@ def interleaved_ratio(new: Callable[[], object], reference: Callable[[], object]
 
     Returns ``{"ratio", "new_s", "reference_s", "rounds"}`` (seconds are medians).
     """
+    return interleaved_seconds(_timed(new), _timed(reference), rounds, warmup)
+
+
+def interleaved_seconds(new: Callable[[], float], reference: Callable[[], float],
+                        rounds: int, warmup: int = 0) -> dict:
+    """As :func:`interleaved_ratio`, for callables that time themselves (return seconds),
+    when only part of what they do is to be compared."""
     for _ in range(warmup):
         new(), reference()
     times_new, times_ref = [], []
@@ -24,11 +31,17 @@ def interleaved_ratio(new: Callable[[], object], reference: Callable[[], object]
         # Alternate which one goes first, so neither always runs on a warmer cache.
         order = ((new, times_new), (reference, times_ref))
         for fn, sink in (order if i % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
+            sink.append(fn())
     new_s, ref_s = statistics.median(times_new), statistics.median(times_ref)
     return {"ratio": new_s / ref_s, "new_s": new_s, "reference_s": ref_s, "rounds": rounds}
+
+
+def _timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
 
 
 def gate(benchmark, name: str, measured: dict, max_ratio: float) -> None:

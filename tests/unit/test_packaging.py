@@ -30,10 +30,15 @@ def wheel(tmp_path_factory):
 
 
 def test_wheel_contents(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
-    for expected in ["sgl_kvtier/patches/__init__.py", "sgl_kvtier/patches/cli.py",
-                     "sgl_kvtier/kernels/__init__.py", "sgl_kvtier/attention/dense.py"]:
-        assert expected in names
+    names = set(zipfile.ZipFile(wheel).namelist())
+    # Every module of the source tree, so a subpackage missing from pyproject's explicit
+    # package list cannot slip through.
+    sources = {f"sgl_kvtier/{p.relative_to(ROOT / 'sgl_kvtier')}"
+               for p in (ROOT / "sgl_kvtier").rglob("*.py")}
+    sources |= {f"sgl_kvtier/{d}/{p.relative_to(ROOT / d)}" for d in ("patches", "kernels")
+                for p in (ROOT / d).rglob("*.py")}
+    assert sources - names == set()
+    assert "sgl_kvtier/patches/cli.py" in sources and "sgl_kvtier/tier/store.py" in sources
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "[sglang.srt.plugins]" in text and "sgl_kvtier.patches:register" in text

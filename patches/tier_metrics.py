@@ -1,0 +1,68 @@
+"""The NVMe tier's counters in SGLang's Prometheus metrics (``--enable-metrics``).
+
+SGLang serves ``/metrics`` from its HTTP process with prometheus_client's multiprocess
+collector (``PROMETHEUS_MULTIPROC_DIR``, set before the scheduler is spawned), so metrics
+created in the scheduler process appear there. Names follow SGLang's ``sglang:`` prefix.
+Counters are advanced by the difference since the last update, at most once a second.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["TierMetrics"]
+
+# store/service counter -> (metric name, help); all monotonic.
+_COUNTERS = {
+    "hits": ("kvtier_disk_chunk_hits_total", "Chunks read from the NVMe tier"),
+    "misses": ("kvtier_disk_chunk_misses_total", "Chunk reads that missed (absent or bad)"),
+    "loaded_tokens": ("kvtier_disk_hit_tokens_total", "Prompt tokens served from the tier"),
+    "load_failures": ("kvtier_load_failures_total", "Disk hits recomputed after a bad chunk"),
+    "bytes_read": ("kvtier_read_bytes_total", "Bytes read from the tier"),
+    "bytes_written": ("kvtier_written_bytes_total", "Bytes written to the tier"),
+    "checksum_failures": ("kvtier_checksum_failures_total", "Chunks failing their checksum"),
+    "evictions": ("kvtier_evictions_total", "Chunk files evicted for capacity"),
+    "admission_refusals": ("kvtier_admission_refusals_total", "Chunks refused by admission"),
+    "write_errors": ("kvtier_write_errors_total", "Failed chunk writes"),
+    "write_drops": ("kvtier_write_drops_total", "Chunk writes dropped (queue full, read-only)"),
+}
+# stats key -> (metric name, help); point-in-time values.
+_GAUGES = {
+    "used_bytes": ("kvtier_used_bytes", "Bytes of chunk files in the tier"),
+    "chunks": ("kvtier_chunks", "Chunk files in the tier"),
+    "write_queue_depth": ("kvtier_write_queue_depth", "Chunks waiting to be written"),
+    "read_bandwidth": ("kvtier_read_bandwidth_bytes_per_second", "Read bytes per busy second"),
+    "write_bandwidth": ("kvtier_write_bandwidth_bytes_per_second",
+                        "Written bytes per busy second"),
+    "writes_enabled": ("kvtier_writes_enabled", "1 while the tier accepts writes"),
+}
+
+
+class TierMetrics:
+    """Prometheus counters and gauges of one rank's tier; ``update`` is cheap to call often."""
+
+    def __init__(self, tp_rank: int, min_interval: float = 1.0) -> None:
+        from prometheus_client import Counter, Gauge
+
+        labels = {"tp_rank": str(tp_rank)}
+        self._counters = {k: Counter(f"sglang:{name}", doc, list(labels)).labels(**labels)
+                          for k, (name, doc) in _COUNTERS.items()}
+        self._gauges = {k: Gauge(f"sglang:{name}", doc, list(labels),
+                                 multiprocess_mode="mostrecent").labels(**labels)
+                        for k, (name, doc) in _GAUGES.items()}
+        self._last: dict[str, float] = {}
+        self._min_interval, self._next = min_interval, 0.0
+
+    def update(self, stats: dict) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._min_interval
+        for key, counter in self._counters.items():
+            value = float(stats.get(key, 0))
+            delta = value - self._last.get(key, 0.0)
+            if delta > 0:
+                counter.inc(delta)
+            self._last[key] = value
+        for key, gauge in self._gauges.items():
+            gauge.set(float(stats.get(key, 0)))

@@ -1,0 +1,261 @@
+"""The tier as a prefix cache uses it: find what the disk adds to a device hit, load it
+into KV slots, and write computed prefixes through to disk in the background.
+
+Engine-agnostic: SGLang's radix-cache backend (``patches/tier_cache.py``) maps its
+requests, nodes and pools onto these calls. All methods except the packer's work run on
+the caller's (scheduler) thread.
+
+Write policy: write-through after prefill. Chunks of a request's computed prefix are
+offered when the engine inserts them into its prefix tree; admission decides which are
+worth a write; admitted chunks are copied out of the pool on a background thread while
+the engine keeps their slots pinned, then written by the store's writer. Write-back on
+eviction was rejected: it copies on the engine's critical path (eviction happens when
+memory is needed now), and it loses everything on a crash or restart before eviction.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from ._log import logger
+from .direct_io import alloc_aligned
+from .keys import TokenIds, chunk_keys
+from .kv_transfer import KVPool, pack_chunk, unpack_chunk
+from .layout import ModelFingerprint
+from .store import ChunkStore
+
+__all__ = ["DiskHit", "TierService", "namespace_of"]
+
+
+@dataclass(frozen=True)
+class DiskHit:
+    """Tokens ``[device_len, end)`` of a prompt, found on disk.
+
+    ``keys[i]`` holds tokens ``[(first_chunk + i) * C, (first_chunk + i + 1) * C)``; the
+    first chunk may start before ``device_len`` and the last end after ``end``.
+    """
+
+    keys: list[str]
+    chunk_tokens: list[TokenIds]
+    first_chunk: int
+    device_len: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.device_len
+
+
+@dataclass
+class _PackJob:
+    keys: list[str]
+    chunk_tokens: list[TokenIds]
+    slots: torch.Tensor  # (len(keys) * C,) on the pool's device
+    handle: object  # returned by drain_written() once the slots are no longer read
+
+
+class TierService:
+    """One rank's NVMe tier over a :class:`ChunkStore`.
+
+    Parameters
+    ----------
+    store : ChunkStore
+        The open store (this rank's own directory).
+    fingerprint : ModelFingerprint
+        Model, dtype and layout of this rank's KV; part of every chunk key.
+    chunk_tokens : int
+        Tokens per chunk (``tier.chunk_tokens``).
+    pool : KVPool
+        The engine's KV pool buffers.
+    loads_in_flight : int
+        Chunks read ahead of the one being copied into the pool.
+    """
+
+    def __init__(self, store: ChunkStore, fingerprint: ModelFingerprint, chunk_tokens: int,
+                 pool: KVPool, loads_in_flight: int = 8) -> None:
+        self.store, self.fingerprint, self.chunk = store, fingerprint, chunk_tokens
+        self.layout = fingerprint.chunk_layout(chunk_tokens)
+        pool.check(self.layout)
+        self.pool = pool
+        self.loads_in_flight = loads_in_flight
+        self._staging = [alloc_aligned(self.layout.nbytes) for _ in range(loads_in_flight)]
+        self.counters = {"lookups": 0, "disk_hit_tokens": 0, "loaded_tokens": 0,
+                         "load_failures": 0, "load_seconds": 0.0, "offered_chunks": 0,
+                         "packed_chunks": 0, "pack_seconds": 0.0, "copies_pending": 0}
+        self._count_lock = threading.Lock()  # the packer thread updates counters too
+        self._jobs: queue.SimpleQueue[_PackJob | None] = queue.SimpleQueue()
+        self._written: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._packer = threading.Thread(target=self._pack_loop, name="kvtier-pack", daemon=True)
+        self._packer.start()
+
+    # ------------------------------------------------------------------------ reads
+
+    def keys(self, namespace: str | None, token_ids: TokenIds) -> list[str]:
+        """Keys of every whole chunk of ``token_ids``."""
+        return chunk_keys(self.fingerprint, namespace, token_ids, self.chunk)
+
+    def find(self, namespace: str | None, token_ids: TokenIds, device_len: int,
+             limit: int | None = None) -> DiskHit | None:
+        """What the disk holds of ``token_ids[:limit]`` right after the first ``device_len``.
+
+        Only an index lookup: no I/O. Chunks are keyed by all of ``token_ids``, so the last
+        chunk found may be used in part when ``limit`` cuts it (SGLang always computes at
+        least the last prompt token: a 2048-token prompt reuses at most 2047).
+        """
+        self.counters["lookups"] += 1
+        limit = len(token_ids) if limit is None else min(limit, len(token_ids))
+        whole = -(-limit // self.chunk)  # chunks touching [0, limit)
+        whole = min(whole, len(token_ids) // self.chunk)  # ... that are complete
+        first = device_len // self.chunk
+        if whole <= first:
+            return None
+        keys = self.keys(namespace, token_ids[:whole * self.chunk])[first:]
+        found = self.store.contains_prefix(keys)
+        end = min((first + found) * self.chunk, limit)
+        if end <= device_len:
+            return None
+        pieces = [token_ids[(first + i) * self.chunk:(first + i + 1) * self.chunk]
+                  for i in range(found)]
+        return DiskHit(keys[:found], pieces, first, device_len, end)
+
+    def load(self, hit: DiskHit, slots: torch.Tensor) -> bool:
+        """Fill ``slots`` (``(hit.length,)`` int64 on the pool's device) with the hit's KV.
+
+        Reads run ``loads_in_flight`` chunks ahead of the copy into the pool. False if any
+        chunk turned out missing or corrupt: the caller recomputes (and frees ``slots``).
+        """
+        start = time.perf_counter()
+        pending: deque[tuple[int, Future]] = deque()
+        next_chunk, ok = 0, True
+        while ok and (pending or next_chunk < len(hit.keys)):
+            while next_chunk < len(hit.keys) and len(pending) < self.loads_in_flight:
+                buf = self._staging[next_chunk % self.loads_in_flight]
+                future = self.store.submit_load([hit.keys[next_chunk]],
+                                                [hit.chunk_tokens[next_chunk]], self.layout,
+                                                [buf])[0]
+                pending.append((next_chunk, future))
+                next_chunk += 1
+            i, future = pending.popleft()
+            payload = future.result()
+            ok = payload is not None and self._unpack(hit, i, payload, slots)
+        for _, future in pending:  # after a failure: let the staging buffers go idle
+            future.result()
+        self._count_load(hit, ok, time.perf_counter() - start)
+        return ok
+
+    def _unpack(self, hit: DiskHit, i: int, payload: torch.Tensor, slots: torch.Tensor) -> bool:
+        chunk_start = (hit.first_chunk + i) * self.chunk
+        skip = max(hit.device_len - chunk_start, 0)  # tokens of this chunk already on device
+        stop = min(chunk_start + self.chunk, hit.end)  # the last chunk may be used in part
+        lo, hi = chunk_start + skip - hit.device_len, stop - hit.device_len
+        unpack_chunk(payload, self.layout, self.pool, slots[lo:hi], skip)
+        return True
+
+    def _count_load(self, hit: DiskHit, ok: bool, seconds: float) -> None:
+        self.counters["load_seconds"] += seconds
+        if ok:
+            self.counters["disk_hit_tokens"] += hit.length
+            self.counters["loaded_tokens"] += hit.length
+        else:
+            self.counters["load_failures"] += 1
+            logger.warning("kv tier: a chunk of a %d-token disk hit failed to load; "
+                           "recomputing it", hit.length)
+
+    # ----------------------------------------------------------------------- writes
+
+    def offer(self, namespace: str | None, token_ids: TokenIds, slots: torch.Tensor,
+              from_chunk: int, handle: object) -> int:
+        """Write through the whole chunks of a computed prefix, from chunk ``from_chunk``.
+
+        Parameters
+        ----------
+        token_ids
+            The prefix, ``(n,)``; only its whole chunks are offered.
+        slots
+            ``(n,)`` its KV slots. They must stay valid until ``handle`` comes back from
+            :meth:`drain_written` (the caller pins them).
+        handle
+            Returned by :meth:`drain_written` once the copy is done; ``None`` if nothing
+            was queued (then nothing needs pinning: check the return value).
+
+        Returns
+        -------
+        int
+            Number of whole chunks in ``token_ids`` (the next call's ``from_chunk``); the
+            chunks queued for a write are counted in :meth:`stats`.
+        """
+        whole = len(token_ids) // self.chunk
+        if whole <= from_chunk:
+            return whole
+        keys = self.keys(namespace, token_ids[:whole * self.chunk])
+        wanted = [i for i in range(from_chunk, whole) if self.store.admit(keys[i])]
+        self.counters["offered_chunks"] += whole - from_chunk
+        if wanted:
+            index = torch.cat([torch.arange(i * self.chunk, (i + 1) * self.chunk)
+                               for i in wanted]).to(slots.device)
+            self._count("copies_pending", 1)
+            self._jobs.put(_PackJob([keys[i] for i in wanted],
+                                    [token_ids[i * self.chunk:(i + 1) * self.chunk]
+                                     for i in wanted], slots.index_select(0, index), handle))
+        else:
+            self._written.put(handle)  # nothing to copy: release at once
+        return whole
+
+    def drain_written(self) -> list[object]:
+        """Handles of offers whose KV has been copied out of the pool (unpin them)."""
+        done = []
+        while True:
+            try:
+                done.append(self._written.get_nowait())
+            except queue.Empty:
+                return done
+
+    def _pack_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            start = time.perf_counter()
+            try:
+                for i, key in enumerate(job.keys):
+                    out = alloc_aligned(self.layout.nbytes)
+                    pack_chunk(self.pool, job.slots[i * self.chunk:(i + 1) * self.chunk], out,
+                               self.layout)
+                    self.store.put(key, job.chunk_tokens[i], out, self.layout, admitted=True)
+                self._count("packed_chunks", len(job.keys))
+            except Exception:  # never lose the handle: the engine would keep the slots pinned
+                logger.exception("kv tier: copying KV out of the pool failed")
+            finally:
+                self._count("pack_seconds", time.perf_counter() - start)
+                self._count("copies_pending", -1)
+                self._written.put(job.handle)
+
+    def _count(self, name: str, delta: float) -> None:
+        with self._count_lock:
+            self.counters[name] += delta
+
+    # ------------------------------------------------------------------------- rest
+
+    def stats(self) -> dict:
+        """The store's counters and this service's, in one flat dict."""
+        with self._count_lock:
+            mine = dict(self.counters)
+        return {**self.store.stats(), **mine}
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish copies and queued writes (up to ``timeout`` s for the writes)."""
+        self._jobs.put(None)
+        self._packer.join(timeout)
+        self.store.close(timeout)
+
+
+def namespace_of(extra_key: object, cache_salt: object) -> str:
+    """The tenant namespace of a request from the engine's ``extra_key`` (LoRA, caller
+    tags) and ``cache_salt``: requests share chunks only when both are equal."""
+    if extra_key is None and cache_salt is None:
+        return ""
+    return f"{'' if extra_key is None else extra_key}\x1f{'' if cache_salt is None else cache_salt}"

@@ -1,0 +1,78 @@
+"""The NVMe tier against its references, timed in one process: the store's reads against
+a raw sequential O_DIRECT read of the same disk, and restoring a prompt's KV from disk
+against recomputing it with the model (SmolLM2-135M, float32, this CPU)."""
+
+import time
+
+import pytest
+import torch
+
+from sgl_kvtier.models import model_path
+from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, measure_read_bandwidth
+from sgl_kvtier.tier.bench import fill
+from sgl_kvtier.tier.direct_io import alloc_aligned
+from sgl_kvtier.tier.kv_transfer import KVPool
+from sgl_kvtier.tier.service import TierService
+from timing import gate, interleaved_ratio, interleaved_seconds, one_thread  # noqa: F401
+
+# SmolLM2-135M's KV: 30 layers, 3 KV heads, head_dim 64.
+LAYERS, HEADS, DIM = 30, 3, 64
+
+
+def test_store_reads_near_raw_disk_bandwidth(benchmark, tmp_path):
+    """Goal 0.9x the raw bandwidth (README); the gate leaves room for this shared disk."""
+    MAX_RATIO = 1.5  # store read time over raw read time: bandwidth at least 0.67x raw
+    fp = ModelFingerprint("bench", "bfloat16", LAYERS, HEADS, DIM)
+    layout = fp.chunk_layout(256)
+    keys, _ = fill(tmp_path / "data", fp, 256, 48)  # 283 MB in 5.9 MB chunks
+    staging = [alloc_aligned(layout.nbytes) for _ in keys]
+    total = len(keys) * layout.nbytes
+    with ChunkStore(StoreConfig(tmp_path / "data", 1 << 40)) as store:
+        def store_read() -> float:
+            start = time.perf_counter()
+            assert all(x is not None for x in store.load(keys, out=staging))
+            return time.perf_counter() - start
+
+        def raw_read() -> float:
+            # The probe writes a scratch file of the same size, then times its read alone.
+            return total / measure_read_bandwidth(tmp_path, total)
+
+        measured = interleaved_seconds(store_read, raw_read, rounds=4)
+        benchmark.extra_info["store_over_raw_bandwidth"] = 1 / measured["ratio"]
+        benchmark.pedantic(store_read, rounds=3)
+    gate(benchmark, "tier store read time / raw O_DIRECT read time, 283 MB", measured,
+         MAX_RATIO)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_restore_from_disk_against_recompute(benchmark, tmp_path):
+    """1024 prompt tokens: load their KV from the tier into a KV pool, or compute it."""
+    MAX_RATIO = 0.25  # measured about 0.03 on 2 AMD EPYC cores
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path("smollm2"), dtype=torch.float32)
+    tokens = torch.randint(0, 49_000, (1024,))
+    fp = ModelFingerprint("smollm2", "float32", LAYERS, HEADS, DIM)
+    pool = KVPool([torch.randn(4096, HEADS, DIM) for _ in range(LAYERS)],
+                  [torch.randn(4096, HEADS, DIM) for _ in range(LAYERS)])
+    store = ChunkStore(StoreConfig(tmp_path / "tier", 1 << 40))
+    service = TierService(store, fp, 256, pool)
+    try:
+        service.offer("", tokens, torch.arange(1, 1025), 0, "written")
+        while "written" not in service.drain_written():
+            time.sleep(0.01)
+        assert store.flush(60)
+
+        def restore():
+            hit = service.find("", tokens, 0)
+            assert hit.length == 1024 and service.load(hit, torch.arange(2048, 3072))
+
+        def recompute():
+            with torch.no_grad():
+                model(tokens[None], use_cache=True)
+
+        measured = interleaved_ratio(restore, recompute, rounds=3, warmup=1)
+        benchmark.pedantic(restore, rounds=5, warmup_rounds=1)
+    finally:
+        service.close()
+    gate(benchmark, "tier restore / model recompute, 1024-token prompt", measured, MAX_RATIO)

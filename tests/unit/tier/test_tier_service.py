@@ -1,0 +1,142 @@
+"""The tier as a prefix cache uses it, on a plain-tensor KV pool: find, load, write-through."""
+
+import time
+
+import pytest
+import torch
+
+from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig
+from sgl_kvtier.tier.identity import model_identity
+from sgl_kvtier.tier.kv_transfer import KVPool, pack_chunk, unpack_chunk
+from sgl_kvtier.tier.service import TierService, namespace_of
+
+FP = ModelFingerprint("m", "float32", num_layers=2, num_kv_heads=2, head_dim=8)
+C = 16  # tokens per chunk
+SLOTS = 1024
+
+
+def make_pool(seed: int) -> KVPool:
+    g = torch.Generator().manual_seed(seed)
+    return KVPool([torch.randn(SLOTS, 2, 8, generator=g) for _ in range(2)],
+                  [torch.randn(SLOTS, 2, 8, generator=g) for _ in range(2)])
+
+
+def kv_at(pool: KVPool, slots: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.stack((k[slots], v[slots])) for k, v in zip(pool.k, pool.v)])
+
+
+@pytest.fixture
+def service_pair(tmp_path):
+    """A writer service on pool A and a reader service on pool B over one directory,
+    opened one after the other like a server and its restart."""
+    made = []
+
+    def open_service(pool: KVPool) -> TierService:
+        for s in made:
+            s.close()
+        store = ChunkStore(StoreConfig(root=tmp_path / "tier", capacity_bytes=1 << 30))
+        made.append(TierService(store, FP, C, pool, loads_in_flight=3))
+        return made[-1]
+
+    yield open_service
+    made[-1].close()
+
+
+def write_through(service: TierService, tokens: torch.Tensor, slots: torch.Tensor,
+                  namespace: str = "") -> None:
+    service.offer(namespace, tokens, slots, 0, handle="h")
+    deadline = time.monotonic() + 30
+    while "h" not in service.drain_written():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert service.store.flush(30)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_pack_then_unpack_moves_exactly_the_slots(contiguous):
+    src, dst = make_pool(0), make_pool(1)
+    layout = FP.chunk_layout(C)
+    slots = torch.arange(100, 100 + C) if contiguous else torch.randperm(SLOTS)[:C]
+    payload = pack_chunk(src, slots, torch.empty(layout.nbytes, dtype=torch.uint8), layout)
+    target = torch.arange(500, 500 + C - 3) if contiguous else torch.randperm(SLOTS)[:C - 3]
+    before = kv_at(dst, torch.arange(SLOTS))
+    unpack_chunk(payload, layout, dst, target, first_token=3)
+    assert torch.equal(kv_at(dst, target), kv_at(src, slots[3:]))
+    untouched = torch.ones(SLOTS, dtype=torch.bool)
+    untouched[target] = False
+    assert torch.equal(kv_at(dst, torch.arange(SLOTS))[:, :, untouched], before[:, :, untouched])
+
+
+def test_restart_finds_and_loads_what_was_written(service_pair):
+    tokens = torch.randint(0, 50_000, (5 * C + 7,))  # 5 whole chunks and a tail
+    src = make_pool(0)
+    src_slots = torch.randperm(SLOTS)[:len(tokens)]
+    write_through(service_pair(src), tokens, src_slots)
+
+    dst = make_pool(1)
+    service = service_pair(dst)
+    # 20 tokens already on the device; SGLang lets at most len - 1 be reused.
+    hit = service.find("", tokens, device_len=20, limit=len(tokens) - 1)
+    assert (hit.device_len, hit.end, hit.first_chunk, len(hit.keys)) == (20, 5 * C, 1, 4)
+    slots = torch.arange(300, 300 + hit.length)
+    assert service.load(hit, slots)
+    assert torch.equal(kv_at(dst, slots), kv_at(src, src_slots[20:5 * C]))
+    # Chunk 4 is keyed by all its 16 tokens: a prompt holding 5 of them cannot use it.
+    part = service.find("", tokens[:4 * C + 5], device_len=0, limit=4 * C + 4)
+    assert part.end == 4 * C
+    # A limit inside a stored chunk uses that chunk in part.
+    cut = service.find("", tokens, device_len=C, limit=3 * C + 5)
+    assert (cut.end, len(cut.keys)) == (3 * C + 5, 3)
+    assert service.stats()["loaded_tokens"] == hit.length
+
+
+def test_namespaces_and_fingerprints_never_share_chunks(service_pair, tmp_path):
+    tokens = torch.randint(0, 50_000, (3 * C,))
+    src = make_pool(0)
+    write_through(service_pair(src), tokens, torch.arange(3 * C), namespace_of(None, "alice"))
+    service = service_pair(make_pool(1))
+    assert service.find(namespace_of(None, "bob"), tokens, 0) is None
+    assert service.find("", tokens, 0) is None
+    assert service.find(namespace_of(None, "alice"), tokens, 0).length == 3 * C
+    assert namespace_of(None, None) == "" and namespace_of("lora1", None) != ""
+
+
+def test_a_corrupt_chunk_fails_the_whole_load(service_pair):
+    tokens = torch.randint(0, 50_000, (4 * C,))
+    write_through(service_pair(make_pool(0)), tokens, torch.arange(4 * C))
+    service = service_pair(make_pool(1))
+    hit = service.find("", tokens, 0)
+    victim = next(p for p in service.store.root.rglob("*.kvc") if p.stem == hit.keys[2])
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0x40
+    victim.write_bytes(bytes(data))
+    assert not service.load(hit, torch.arange(500, 500 + hit.length))
+    stats = service.stats()
+    assert stats["load_failures"] == 1 and stats["checksum_failures"] == 1
+    assert service.find("", tokens, 0).length == 2 * C  # the prefix before it still serves
+
+
+def test_offer_skips_what_is_stored_and_reports_progress(service_pair):
+    tokens = torch.randint(0, 50_000, (3 * C + 2,))
+    service = service_pair(make_pool(0))
+    assert service.offer("", tokens[:C + 3], torch.arange(C + 3), 0, "a") == 1
+    assert service.offer("", tokens, torch.arange(len(tokens)), 1, "b") == 3
+    done = set()
+    deadline = time.monotonic() + 30
+    while done != {"a", "b"} and time.monotonic() < deadline:
+        done |= set(service.drain_written())
+    assert service.store.flush(30) and service.stats()["chunks"] == 3
+    assert service.offer("", tokens, torch.arange(len(tokens)), 0, "c") == 3  # all stored
+    assert service.drain_written() == ["c"] and service.stats()["packed_chunks"] == 3
+
+
+def test_model_identity_follows_weights_not_paths(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text('{"hidden_size": 8}')
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    assert model_identity(str(a)).split("@")[1] == model_identity(str(b)).split("@")[1]
+    (b / "model.safetensors").write_bytes(b"x" * 101)  # other weights
+    assert model_identity(str(a)).split("@")[1] != model_identity(str(b)).split("@")[1]
+    assert model_identity(str(a), "dummy") != model_identity(str(a))
