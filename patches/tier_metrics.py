@@ -3,12 +3,11 @@
 SGLang serves ``/metrics`` from its HTTP process with prometheus_client's multiprocess
 collector (``PROMETHEUS_MULTIPROC_DIR``, set before the scheduler is spawned), so metrics
 created in the scheduler process appear there. Names follow SGLang's ``sglang:`` prefix.
-Counters are advanced by the difference since the last update, at most once a second.
+Counters are advanced by the difference since the last update (after every batch: a few
+memory-mapped writes).
 """
 
 from __future__ import annotations
-
-import time
 
 __all__ = ["TierMetrics"]
 
@@ -39,9 +38,9 @@ _GAUGES = {
 
 
 class TierMetrics:
-    """Prometheus counters and gauges of one rank's tier; ``update`` is cheap to call often."""
+    """Prometheus counters and gauges of one rank's tier."""
 
-    def __init__(self, tp_rank: int, min_interval: float = 1.0) -> None:
+    def __init__(self, tp_rank: int) -> None:
         from prometheus_client import Counter, Gauge
 
         labels = {"tp_rank": str(tp_rank)}
@@ -51,13 +50,8 @@ class TierMetrics:
                                  multiprocess_mode="mostrecent").labels(**labels)
                         for k, (name, doc) in _GAUGES.items()}
         self._last: dict[str, float] = {}
-        self._min_interval, self._next = min_interval, 0.0
 
     def update(self, stats: dict) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self._min_interval
         for key, counter in self._counters.items():
             value = float(stats.get(key, 0))
             delta = value - self._last.get(key, 0.0)

@@ -16,4 +16,6 @@ def test_quickstart_completes_with_its_gates_passing(tmp_path, capsys):
     folder = next(tmp_path.iterdir())
     assert (folder / "COMPLETE").is_file() and (folder / "ttft.png").is_file()
     assert "| kvtier | torch_native | 511 |" in out  # 1024 tokens, the second half scored
-    assert out.count("| pass |") == 3 and "FAIL" not in out
+    assert "| kvtier | restart | 2048 | 2047 |" in out  # from disk after the restart
+    assert "| torch_native | restart | 2048 | 0 |" in out
+    assert out.count("| pass |") == 4 and "FAIL" not in out

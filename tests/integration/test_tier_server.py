@@ -6,12 +6,14 @@ change.
 """
 
 import os
+import re
 import resource
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from serverlib import SERVER_BASE
 from sgl_kvtier.prompts import load_tokenizer, token_prompt
@@ -99,7 +101,7 @@ def test_restart_serves_the_prompt_from_disk(servers, prompts, reference, tmp_pa
     wait_written(first, 8)  # 2048 prompt tokens + output: 8 whole 256-token chunks
     first.stop()
 
-    second = servers.start(config)
+    second = servers.start(config, extra=["--enable-metrics"])
     assert log_lines(second, "NVMe tier at") and "8 chunks" in log_lines(second, "NVMe tier at")[0]
     again = second.generate(prompts["long"], NEW_TOKENS)
     assert again.output_ids == reference["long"]
@@ -107,6 +109,10 @@ def test_restart_serves_the_prompt_from_disk(servers, prompts, reference, tmp_pa
     assert again.cached_details.get("host") == 2047
     state = tier(second)
     assert state["loaded_tokens"] == 2047 and state["hits"] == 8 and state["misses"] == 0
+    metrics = requests.get(f"{second.url}/metrics", timeout=30).text
+    assert re.search(r'^sglang:kvtier_disk_hit_tokens_total\{tp_rank="0"\} 2047\.0$', metrics,
+                     re.M), [l for l in metrics.splitlines() if "kvtier" in l]
+    assert re.search(r'^sglang:kvtier_chunks\{tp_rank="0"\} 8\.0$', metrics, re.M)
 
 
 def test_kill_9_while_writing_then_restart(servers, prompts, reference, tmp_path):

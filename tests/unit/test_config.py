@@ -88,10 +88,21 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert "(top level): expected a mapping" in message
 
 
-@pytest.mark.parametrize("section", ["tier", "prefill", "sparse"])
+@pytest.mark.parametrize("section", ["prefill", "sparse"])
 def test_features_not_built_yet_are_refused(section):
     with pytest.raises(ConfigError, match=f"{section}.enabled: .* not available"):
         config_from_dict({section: {"enabled": True}})
+
+
+def test_tier_settings():
+    tier = config_from_dict({"tier": {"enabled": True, "capacity": "2TB",
+                                      "read_bandwidth_limit": "200MB"}}).tier
+    assert tier.enabled and tier.capacity == 2 * 10**12 and tier.read_bandwidth_limit == 2 * 10**8
+    for bad, key in [({"capacity": 0}, "tier.capacity"), ({"io_threads": 0}, "tier.io_threads"),
+                     ({"admission": "never"}, "tier.admission"),
+                     ({"read_bandwidth_limit": 0}, "tier.read_bandwidth_limit")]:
+        with pytest.raises(ConfigError, match=key):
+            config_from_dict({"tier": bad})
 
 
 @pytest.mark.parametrize("text,expected", [(4096, 4096), ("512MiB", 512 * 2**20),
