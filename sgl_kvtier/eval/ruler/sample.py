@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 __all__ = ["Sample", "fit"]
 
+_FIRST_SIZE = 16
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -26,22 +28,32 @@ def fit(build: Callable[[int], tuple[str, list[str]]], count: Callable[[str], in
     """The prompt of the largest haystack size in ``[1, largest]`` that fits ``budget``.
 
     ``build(size)`` must be deterministic; its token count must grow with ``size``
-    (more sentences, lines or documents). Binary search, so about log2(largest) builds.
+    (more sentences, lines or documents). Sizes double from 16 until one does not fit,
+    then a binary search between the last two: about 2 log2(answer) builds, none of them
+    much longer than the budget (tokenizing far larger candidates dominated the cost).
 
     Raises
     ------
     ValueError
         If even size 1 does not fit.
     """
-    lo, hi, best = 1, largest, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        prompt, answers = build(mid)
+    def attempt(size: int):
+        prompt, answers = build(size)
         tokens = count(prompt)
-        if tokens <= budget:
-            best, lo = (prompt, answers, tokens), mid + 1
+        return (prompt, answers, tokens) if tokens <= budget else None
+
+    # lo: a size known to fit (0: none yet); hi: the smallest size known not to fit.
+    lo, hi, best = 0, largest + 1, None
+    size = min(_FIRST_SIZE, largest)  # some builds need a few units (a chain of variables)
+    while size < hi and (found := attempt(size)) is not None:
+        best, lo, size = found, size, size * 2
+    hi = min(hi, size)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (found := attempt(mid)) is not None:
+            best, lo = found, mid
         else:
-            hi = mid - 1
+            hi = mid
     if best is None:
         raise ValueError(f"no haystack size fits {budget} tokens")
     return best
