@@ -4,8 +4,8 @@ Per length and repeat, against one running server:
 
 - ``cold``: after ``/flush_cache``, a prompt nothing has seen;
 - ``repeat``: the same prompt again (a device prefix-cache hit);
-- ``shared``: a different prompt with the same first ``shared_prefix_tokens`` tokens
-  (only when that is non-zero);
+- ``shared``: a different prompt with the cold prompt's first ``shared_prefix_tokens``
+  tokens (only when that is non-zero);
 - ``restart``: the cold prompts again after the server restarted (what a disk tier keeps).
 """
 
@@ -19,18 +19,20 @@ from sgl_kvtier.server import Generation, Server
 
 __all__ = ["prompts_for", "run_latency", "steps"]
 
-# Offsets into the corpus: each (length, repeat) gets its own text so cold prompts share
-# nothing; the shared prefix comes from a region no suffix uses.
-_PREFIX_OFFSET, _SUFFIX_OFFSET, _STRIDE = 0, 20_000, 9_973
+# Offsets into the corpus: each (length, repeat) starts its own text, so no cold prompt
+# shares a prefix with anything measured before it (a disk tier would otherwise serve the
+# shared prefix of earlier prompts to a "cold" one); its shared-prefix twin keeps its first
+# tokens and continues elsewhere.
+_OFFSET, _STRIDE = 20_000, 9_973
 
 
 def prompts_for(tokenizer, work: LatencyWorkload, length: int, repeat: int) -> tuple[list, list]:
     """The (cold, shared) prompts for one length and repeat, as token ids."""
     n_shared = work.shared_prefix_tokens
-    prefix = token_prompt(tokenizer, n_shared, _PREFIX_OFFSET) if n_shared else []
-    offset = _SUFFIX_OFFSET + _STRIDE * (repeat * 7 + work.lengths.index(length))
-    cold = prefix + token_prompt(tokenizer, length - n_shared, offset)
-    shared = prefix + token_prompt(tokenizer, length - n_shared, offset + _STRIDE // 2)
+    start = _OFFSET + _STRIDE * (repeat * len(work.lengths) + work.lengths.index(length))
+    cold = token_prompt(tokenizer, length, start)
+    shared = cold[:n_shared] + token_prompt(tokenizer, length - n_shared,
+                                             start + n_shared + _STRIDE // 2)
     return cold, shared
 
 

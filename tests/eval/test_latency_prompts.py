@@ -19,6 +19,6 @@ def test_prompts_for_every_length_and_repeat(model_dir, shared):
             assert len(cold) == len(other) == length
             assert cold[:shared] == other[:shared] and cold[shared:shared + 8] != other[shared:shared + 8]
             colds.append(cold)
-    # No two cold prompts start alike beyond the intended shared prefix.
-    heads = {tuple(c[shared:shared + 16]) for c in colds}
+    # No two cold prompts start alike: each is cold even where a disk tier kept the others.
+    heads = {tuple(c[:16]) for c in colds}
     assert len(heads) == len(colds)
