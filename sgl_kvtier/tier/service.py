@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ._log import logger
+from .background import yield_cpu_to_serving
 from .direct_io import alloc_aligned
 from .keys import TokenIds, chunk_keys
 from .kv_transfer import KVPool, pack_chunk, unpack_chunk
@@ -218,6 +219,7 @@ class TierService:
                 return done
 
     def _pack_loop(self) -> None:
+        yield_cpu_to_serving()
         while (job := self._jobs.get()) is not None:
             start = time.perf_counter()
             try:

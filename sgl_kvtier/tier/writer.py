@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._log import logger
+from .background import yield_cpu_to_serving
 from .layout import ChunkLayout
 from .stats import Counters
 
@@ -149,6 +150,7 @@ class BackgroundWriter:
             return job
 
     def _run(self) -> None:
+        yield_cpu_to_serving()
         while (job := self._next()) is not None:
             if not self.writable:
                 self._counters.add(write_drops=1)

@@ -76,3 +76,41 @@ def test_restore_from_disk_against_recompute(benchmark, tmp_path):
     finally:
         service.close()
     gate(benchmark, "tier restore / model recompute, 1024-token prompt", measured, MAX_RATIO)
+
+
+def test_write_through_barely_slows_a_concurrent_prefill(benchmark, tmp_path):
+    """Writing a 4096-token prompt (189 MB) through to disk behind a 1024-token prefill."""
+    MAX_RATIO = 1.10  # goal 1.03 (README); measured 0.99 with background threads at nice 19
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path("smollm2"), dtype=torch.float32)
+    fp = ModelFingerprint("smollm2", "float32", LAYERS, HEADS, DIM)
+    pool = KVPool([torch.randn(5000, HEADS, DIM) for _ in range(LAYERS)],
+                  [torch.randn(5000, HEADS, DIM) for _ in range(LAYERS)])
+    service = TierService(ChunkStore(StoreConfig(tmp_path / "tier", 1 << 40)), fp, 256, pool)
+    prompt = torch.randint(0, 49_000, (1, 1024))
+    rounds = iter(range(1000))
+
+    def prefill() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(prompt)
+        return time.perf_counter() - start
+
+    def prefill_while_writing() -> float:
+        handle = next(rounds)
+        service.offer("", torch.randint(0, 49_000, (4096,)), torch.arange(1, 4097), 0, handle)
+        seconds = prefill()
+        while handle not in service.drain_written():
+            time.sleep(0.01)
+        assert service.store.flush(120)
+        return seconds
+
+    try:
+        measured = interleaved_seconds(prefill_while_writing, prefill, rounds=4, warmup=1)
+        benchmark.pedantic(prefill, rounds=2)
+    finally:
+        service.close()
+    assert service.stats()["chunks_written"] >= 4 * 16
+    gate(benchmark, "prefill while writing through / prefill alone, 1024 tokens", measured,
+         MAX_RATIO)
