@@ -89,7 +89,10 @@ def unpack_chunk(payload: torch.Tensor, layout: ChunkLayout, pool: KVPool,
     n = slots.numel()
     part = view[:, :, first_token:first_token + n]  # (layers, 2, n, heads, head_dim)
     if pool.device.type != "cpu":
-        part = part.to(pool.device, non_blocking=True)
+        # A blocking copy (DMA from the pinned staging buffer): the caller reuses that buffer
+        # for the next read as soon as this returns. Reads of later chunks keep running on
+        # the store's threads meanwhile, so disk and copy still overlap.
+        part = part.to(pool.device)
         for layer, (k, v) in enumerate(zip(pool.k, pool.v)):
             k.index_copy_(0, slots, part[layer, 0])
             v.index_copy_(0, slots, part[layer, 1])
