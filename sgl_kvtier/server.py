@@ -20,7 +20,8 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["Server", "ServerError", "Generation", "TeacherForced", "free_port", "group_alive"]
+__all__ = ["Server", "ServerError", "Generation", "TeacherForced", "free_port", "port_is_free",
+           "group_alive"]
 
 
 class ServerError(RuntimeError):
@@ -60,6 +61,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def group_alive(pgid: int) -> bool:
@@ -109,6 +119,7 @@ class Server:
 
     def start(self) -> "Server":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._claim_port()
         cmd = [sys.executable, "-m", "sglang.launch_server", *self.args,
                "--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log_path, "w") as log:
@@ -125,6 +136,13 @@ class Server:
             self.stop()
             raise
         return self
+
+    def _claim_port(self) -> None:
+        """Move to another free port if this one was taken since it was picked: SGLang does
+        not exit when it cannot bind, it waits for a health check that never comes."""
+        if not port_is_free(self.port):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
 
     def _apply_rlimits(self) -> None:
         import resource

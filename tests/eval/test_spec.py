@@ -81,3 +81,11 @@ def test_cli_exits_2_on_a_bad_file_before_starting_anything(tmp_path, capsys):
 def test_list_shows_shipped_files(capsys):
     assert main(["list", "--dir", str(CONFIGS)]) == 0
     assert "quickstart.yaml" in capsys.readouterr().out
+
+
+def test_missing_model_is_one_line_and_starts_nothing(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(GOOD.replace("name: t", f"name: t\nmodel: {tmp_path}/nowhere"))
+    assert main(["run", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: model '{tmp_path}/nowhere': not an")
+    assert not (tmp_path / "runs").exists()
