@@ -26,8 +26,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serverlib import SERVER_BASE  # noqa: E402
 
-from sgl_kvtier.models import model_path  # noqa: E402
-from sgl_kvtier.server import Server  # noqa: E402
+from sgl_kvtier.harness.models import model_path  # noqa: E402
+from sgl_kvtier.harness.server import Server  # noqa: E402
 from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, chunk_keys  # noqa: E402
 
 

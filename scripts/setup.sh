@@ -24,4 +24,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 # Converts the embedded model once (about 40 s), then only checks it.
-.venv/bin/python -m sgl_kvtier.models path smollm2 > /dev/null
+.venv/bin/python -m sgl_kvtier.harness.models path smollm2 > /dev/null

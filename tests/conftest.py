@@ -3,7 +3,7 @@ import os
 import pytest
 
 from sgl_kvtier.cuda_shim import cpu_engine_env
-from sgl_kvtier.models import model_path
+from sgl_kvtier.harness.models import model_path
 
 _OURS = ("KVTIER_ENABLED", "SGLANG_USE_CPU_ENGINE", "LD_LIBRARY_PATH")
 

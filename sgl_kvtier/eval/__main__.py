@@ -11,7 +11,7 @@ import yaml
 
 from sgl_kvtier.config import ConfigError
 from sgl_kvtier.eval.spec import load_spec
-from sgl_kvtier.server import ServerError
+from sgl_kvtier.harness.server import ServerError
 
 DEFAULT_CONFIGS = Path("eval/configs")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from sgl_kvtier.eval.ruler import generate
 from sgl_kvtier.eval.ruler.scoring import score
 from sgl_kvtier.eval.spec import RulerWorkload
-from sgl_kvtier.server import Server
+from sgl_kvtier.harness.server import Server
 
 __all__ = ["run_ruler", "steps"]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sgl_kvtier.eval.spec import AgreementWorkload
-from sgl_kvtier.server import Server
+from sgl_kvtier.harness.server import Server
 
 __all__ = ["steps", "run_agreement", "compare", "summarise_agreement", "teacher_metrics",
            "greedy_metrics"]

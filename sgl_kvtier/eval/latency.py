@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from sgl_kvtier.eval.spec import LatencyWorkload
-from sgl_kvtier.prompts import token_prompt
-from sgl_kvtier.server import Generation, Server
+from sgl_kvtier.harness.prompts import token_prompt
+from sgl_kvtier.harness.server import Generation, Server
 
 __all__ = ["prompts_for", "run_latency", "steps"]
 

@@ -21,9 +21,9 @@ from sgl_kvtier.eval import accuracy, agreement, latency, report
 from sgl_kvtier.eval.gates import check_gates
 from sgl_kvtier.eval.records import RunFolder
 from sgl_kvtier.eval.spec import RunSpec, ServerSpec
-from sgl_kvtier.models import resolve_model
-from sgl_kvtier.prompts import load_tokenizer
-from sgl_kvtier.server import Server, ServerError
+from sgl_kvtier.harness.resolve import resolve_model
+from sgl_kvtier.harness.prompts import load_tokenizer
+from sgl_kvtier.harness.server import Server, ServerError
 
 __all__ = ["RunResult", "run"]
 

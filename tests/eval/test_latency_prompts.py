@@ -4,7 +4,7 @@ import pytest
 
 from sgl_kvtier.eval.latency import prompts_for
 from sgl_kvtier.eval.spec import LatencyWorkload
-from sgl_kvtier.prompts import load_tokenizer
+from sgl_kvtier.harness.prompts import load_tokenizer
 
 
 @pytest.mark.parametrize("shared", [0, 256])

@@ -6,7 +6,7 @@ import pytest
 from sgl_kvtier.eval.ruler import TASKS, generate
 from sgl_kvtier.eval.ruler.data import split_sentences
 from sgl_kvtier.eval.ruler.scoring import string_match_all, string_match_part
-from sgl_kvtier.prompts import load_tokenizer
+from sgl_kvtier.harness.prompts import load_tokenizer
 
 MAX_LEN = 1024
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sgl_kvtier.eval.__main__ import main
-from sgl_kvtier.server import group_alive
+from sgl_kvtier.harness.server import group_alive
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import pytest
 from serverlib import SERVER_BASE
 from sgl_kvtier import __version__
 from sgl_kvtier.config import load_config
-from sgl_kvtier.prompts import load_tokenizer, token_prompt
-from sgl_kvtier.server import Server
+from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
+from sgl_kvtier.harness.server import Server
 
 pytestmark = pytest.mark.integration
 

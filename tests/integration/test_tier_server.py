@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from serverlib import SERVER_BASE
-from sgl_kvtier.prompts import load_tokenizer, token_prompt
-from sgl_kvtier.server import Server
+from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
+from sgl_kvtier.harness.server import Server
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 8

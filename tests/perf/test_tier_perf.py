@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from sgl_kvtier.models import model_path
+from sgl_kvtier.harness.models import model_path
 from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, measure_read_bandwidth
-from sgl_kvtier.tier.bench import fill
+from sgl_kvtier.harness.tier_bench import fill
 from sgl_kvtier.tier.direct_io import alloc_aligned
 from sgl_kvtier.tier.kv_transfer import KVPool
 from sgl_kvtier.tier.service import TierService

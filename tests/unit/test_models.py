@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from sgl_kvtier.models import main, model_path, resolve_model
+from sgl_kvtier.harness.models import main, model_path
+from sgl_kvtier.harness.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,10 @@ def test_resolve_rejects_unknown_names(tmp_path):
 
 
 def test_dummy_weight_shapes_have_published_config_and_a_tokenizer(tmp_path, monkeypatch, smollm2):
-    from sgl_kvtier.model_shapes import SHAPES
+    from sgl_kvtier.harness.model_shapes import SHAPES
 
     monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("sgl_kvtier.models.model_path", lambda name: smollm2)
+    monkeypatch.setattr("sgl_kvtier.harness.models.model_path", lambda name: smollm2)
     path = resolve_model("llama-3.1-8b")
     assert path == tmp_path / "shapes" / "llama-3.1-8b"
     config = json.loads((path / "config.json").read_text())

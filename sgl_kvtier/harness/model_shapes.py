@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sgl_kvtier.harness.models import model_path
 from sgl_kvtier.paths import cache_dir
 
 __all__ = ["SHAPES", "shape_path"]
@@ -47,8 +48,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def shape_path(name: str) -> Path:
     """Directory for the dummy-weights shape ``name`` (created on first use)."""
-    from sgl_kvtier.models import model_path
-
     config = {**SHAPES[name], "sgl_kvtier_shape": name}
     target = cache_dir() / "shapes" / name
     if _current(target, config):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sgl_kvtier.models import resolve_model
-from sgl_kvtier.prompts import load_tokenizer, token_prompt
-from sgl_kvtier.server import Server, ServerError
+from sgl_kvtier.harness.resolve import resolve_model
+from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
+from sgl_kvtier.harness.server import Server, ServerError
 
 SHORT_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 LONG_OFFSET = 20_000  # into the corpus: prose rather than its opening tables
@@ -54,7 +54,7 @@ def run(model: str, long_tokens: int, max_new_tokens: int, log_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sgl_kvtier.demo",
+        prog="python -m sgl_kvtier.harness.demo",
         description="Start SGLang with --enable-kvtier on the embedded model, send a few "
                     "requests (one long prompt twice) and print what the prefix cache saved.")
     parser.add_argument("--model", default="smollm2",

@@ -1,6 +1,6 @@
 """Store read bandwidth against the disk's raw O_DIRECT bandwidth, and index rebuild time.
 
-Run ``python -m sgl_kvtier.tier.bench --root DIR`` with DIR on the disk to measure. The raw
+Run ``python -m sgl_kvtier.harness.tier_bench --root DIR`` with DIR on the disk to measure. The raw
 probe and the store's reads alternate, so both see the same disk conditions.
 """
 
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .chunk_file import HEADER_SIZE
-from .config import StoreConfig
-from .direct_io import alloc_aligned
-from .keys import chunk_keys
-from .layout import ModelFingerprint
-from .probe import measure_read_bandwidth
-from .store import ChunkStore
+from sgl_kvtier.tier.chunk_file import HEADER_SIZE
+from sgl_kvtier.tier.config import StoreConfig
+from sgl_kvtier.tier.direct_io import alloc_aligned
+from sgl_kvtier.tier.keys import chunk_keys
+from sgl_kvtier.tier.layout import ModelFingerprint
+from sgl_kvtier.tier.probe import measure_read_bandwidth
+from sgl_kvtier.tier.store import ChunkStore
 
 
 def fill(root: Path, fp: ModelFingerprint, tokens: int, chunks: int) -> tuple[list[str], float]:
