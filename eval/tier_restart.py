@@ -24,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serverlib import SERVER_BASE  # noqa: E402
+from serverlib import SERVER_BASE
 
-from sgl_kvtier.harness.models import model_path  # noqa: E402
-from sgl_kvtier.harness.server import Server  # noqa: E402
-from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, chunk_keys  # noqa: E402
+from sgl_kvtier.harness.models import model_path
+from sgl_kvtier.harness.server import Server
+from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, chunk_keys
 
 
 def fill(root: Path, gigabytes: float) -> int:
@@ -39,7 +39,8 @@ def fill(root: Path, gigabytes: float) -> int:
     tokens = torch.randint(0, 49_000, (count * 256,))
     keys = chunk_keys(fp, "", tokens, 256)
     payload = torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8)
-    with ChunkStore(StoreConfig(root, 1 << 50, max_queued_write_bytes=1 << 30)) as store:
+    config = StoreConfig(root, 1 << 50, admission="always", max_queued_write_bytes=1 << 30)
+    with ChunkStore(config) as store:
         for i, key in enumerate(tqdm(keys, desc="writing chunks", unit="chunk")):
             chunk = payload.clone()
             chunk[:8] = torch.tensor(list(i.to_bytes(8, "little")), dtype=torch.uint8)

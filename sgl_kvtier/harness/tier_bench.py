@@ -33,7 +33,7 @@ def fill(root: Path, fp: ModelFingerprint, tokens: int, chunks: int) -> tuple[li
     ids = torch.randint(0, 50_000, (chunks * tokens,))
     keys = chunk_keys(fp, "bench", ids, tokens)
     payload = torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8)
-    with ChunkStore(StoreConfig(root, 1 << 40)) as store:
+    with ChunkStore(StoreConfig(root, 1 << 40, admission="always")) as store:
         for i, key in enumerate(keys):
             payload[:8] = torch.tensor(list(i.to_bytes(8, "little")))  # distinct chunks
             store.put(key, ids[i * tokens:(i + 1) * tokens], payload.clone(), layout)
@@ -48,7 +48,7 @@ def fill(root: Path, fp: ModelFingerprint, tokens: int, chunks: int) -> tuple[li
 def store_pass(root: Path, keys: list[str], staging: list[torch.Tensor] | None,
                **settings: object) -> float:
     """Bytes per second of one ``load`` of every key, by wall clock."""
-    with ChunkStore(StoreConfig(root, 1 << 40, **settings)) as store:
+    with ChunkStore(StoreConfig(root, 1 << 40, admission="always", **settings)) as store:
         start = time.perf_counter()
         loaded = store.load(keys, out=staging)
         seconds = time.perf_counter() - start
@@ -88,7 +88,7 @@ def rebuild_seconds(root: Path, files: int, rounds: int) -> list[float]:
     fill(root, ModelFingerprint("bench-index", "float16", 1, 1, 64), 16, files)
     seconds = []
     for _ in range(rounds):
-        with ChunkStore(StoreConfig(root, 1 << 40)) as store:
+        with ChunkStore(StoreConfig(root, 1 << 40, admission="always")) as store:
             assert store.stats()["chunks"] == files
             seconds.append(store.scan.seconds)
     return seconds

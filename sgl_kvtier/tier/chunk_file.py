@@ -29,6 +29,9 @@ VERSION = 1
 # dtype name, payload length, payload checksum
 _FIELDS = struct.Struct("<8sHH32s32sIIII16sQ16s")
 _CHECKSUM_AT = HEADER_SIZE - 16
+# No chunk of any real model comes near this (Llama-3.1-70B, 256 tokens, bf16: 84 MB); a
+# header claiming more is corrupt or planted, and would make readers allocate its size.
+MAX_PAYLOAD = 1 << 32
 
 
 class CorruptChunk(Exception):
@@ -77,7 +80,8 @@ def unpack_header(block: bytes | memoryview) -> ChunkHeader:
     Raises
     ------
     CorruptChunk
-        If the block is short, its checksum does not match, or a field is invalid.
+        If the block is short, its checksum does not match, a field is invalid, or the
+        payload length is not what the layout holds (or implausibly large).
     """
     block = memoryview(block)[:HEADER_SIZE]
     if len(block) < HEADER_SIZE:
@@ -92,4 +96,7 @@ def unpack_header(block: bytes | memoryview) -> ChunkHeader:
         layout = ChunkLayout(layers, heads, head_dim, dtype.rstrip(b"\0").decode(), tokens)
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptChunk(f"bad layout: {e}") from None
+    if payload_len != layout.nbytes or payload_len > MAX_PAYLOAD:
+        raise CorruptChunk(f"payload length {payload_len} does not match its layout "
+                           f"({layout.nbytes} bytes, at most {MAX_PAYLOAD})")
     return ChunkHeader(key, tokens_digest, layout, payload_len, checksum)

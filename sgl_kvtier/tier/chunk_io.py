@@ -7,9 +7,7 @@ size and the payload checksum, and raises rather than return anything doubtful.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -22,23 +20,20 @@ from .chunk_file import (
     payload_checksum,
     unpack_header,
 )
-from .direct_io import IOMode, Throttle, alloc_aligned, write_file
-from .keys import temp_path
+from .direct_io import DirectFile, IOMode, Throttle, alloc_aligned, write_blocks
 from .layout import ChunkLayout
+from .tier_dir import TierDir
 
 __all__ = ["ChunkMismatch", "read_chunk", "write_chunk"]
-
-_READ = os.O_RDONLY | os.O_CLOEXEC
-
 
 class ChunkMismatch(Exception):
     """An intact chunk, but for other tokens or another layout than the caller expects."""
 
 
-def read_chunk(path: Path, key: str, dst: Callable[[int], np.ndarray], mode: IOMode, *,
+def read_chunk(f: DirectFile, key: str, dst: Callable[[int], np.ndarray], *,
                token_digest: bytes | None = None, layout: ChunkLayout | None = None,
                throttle: Throttle | None = None) -> np.ndarray:
-    """The verified payload of the chunk file for ``key`` at ``path``.
+    """The verified payload of the open chunk file ``f``, which must hold ``key``.
 
     Parameters
     ----------
@@ -49,8 +44,6 @@ def read_chunk(path: Path, key: str, dst: Callable[[int], np.ndarray], mode: IOM
 
     Raises
     ------
-    FileNotFoundError
-        The file is gone.
     ChunkMismatch
         The chunk is intact but not what ``token_digest`` or ``layout`` describe.
     CorruptChunk
@@ -58,17 +51,16 @@ def read_chunk(path: Path, key: str, dst: Callable[[int], np.ndarray], mode: IOM
     OSError
         The file could not be read.
     """
-    with mode.open(path, _READ) as f:
-        block = alloc_aligned(HEADER_SIZE, pin=False).numpy()
-        header = unpack_header(block[:f.read_into(block, 0)])
-        if header.key != bytes.fromhex(key):
-            raise CorruptChunk(f"header names chunk {header.key.hex()}")
-        if f.size() != header.file_size:
-            raise CorruptChunk(f"file is {f.size()} bytes, header says {header.file_size}")
-        _check_expected(header, token_digest, layout)
-        payload = dst(header.payload_len)
-        if f.read_into(payload, HEADER_SIZE, throttle) != header.payload_len:
-            raise CorruptChunk("file ended inside the payload")
+    block = alloc_aligned(HEADER_SIZE, pin=False).numpy()
+    header = unpack_header(block[:f.read_into(block, 0)])
+    if header.key != bytes.fromhex(key):
+        raise CorruptChunk(f"header names chunk {header.key.hex()}")
+    if f.size() != header.file_size:
+        raise CorruptChunk(f"file is {f.size()} bytes, header says {header.file_size}")
+    _check_expected(header, token_digest, layout)
+    payload = dst(header.payload_len)
+    if f.read_into(payload, HEADER_SIZE, throttle) != header.payload_len:
+        raise CorruptChunk("file ended inside the payload")
     if payload_checksum(payload) != header.payload_checksum:
         raise ChecksumMismatch("payload checksum mismatch")
     return payload
@@ -85,10 +77,13 @@ def _check_expected(header: ChunkHeader, digest: bytes | None,
         raise ChunkMismatch(" and ".join(wrong))
 
 
-def write_chunk(path: Path, key: str, token_digest: bytes, layout: ChunkLayout,
-                payload: np.ndarray, mode: IOMode, staging: np.ndarray, *, fsync: bool = False,
-                pause: Callable[[], None] | None = None) -> None:
-    """Create the chunk file for ``key`` at ``path`` atomically; raises ``OSError`` on failure.
+def write_chunk(folder: TierDir, key: str, token_digest: bytes, layout: ChunkLayout,
+                payload: np.ndarray, mode: IOMode, staging: np.ndarray,
+                publish: Callable[[str], bool], *, fsync: bool = False,
+                pause: Callable[[], None] | None = None) -> bool:
+    """Write the chunk file for ``key`` into a temporary file, then ``publish(tmp)`` it.
+
+    Raises ``OSError`` on failure (the temporary file is removed).
 
     Parameters
     ----------
@@ -96,28 +91,30 @@ def write_chunk(path: Path, key: str, token_digest: bytes, layout: ChunkLayout,
         ``(layout.nbytes,)`` uint8 array.
     staging
         Aligned buffer, a multiple of 4096 bytes long, that the data streams through.
+    publish
+        Renames the finished temporary file into place (the commit point) and returns
+        whether it did; the store does it under its capacity lock.
     fsync
-        Flush file and directory to stable storage before returning.
+        Flush the file to stable storage before it is published.
     pause
         Called before each block written (the store yields to reads there).
+
+    Returns
+    -------
+    bool
+        Whatever ``publish`` returned.
     """
     header = pack_header(ChunkHeader(bytes.fromhex(key), token_digest, layout, len(payload),
                                      payload_checksum(payload)))
-    tmp = temp_path(path)
+    f, tmp = folder.create_temp(key, mode)
     try:
-        write_file(tmp, [np.frombuffer(header, np.uint8), payload], mode, staging,
-                   fsync=fsync, pause=pause)
-        os.rename(tmp, path)  # the commit point
+        with f:
+            write_blocks(f, [np.frombuffer(header, np.uint8), payload], staging, fsync=fsync,
+                         pause=pause)
+        published = publish(tmp)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        folder.discard_temp(key, tmp)
         raise
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if not published:
+        folder.discard_temp(key, tmp)
+    return published

@@ -25,7 +25,7 @@ import torch
 from ._log import log_once
 
 __all__ = ["ALIGN", "BLOCK", "alloc_aligned", "as_byte_array", "IOMode", "DirectFile",
-           "write_file"]
+           "write_blocks", "write_file"]
 
 ALIGN = 4096
 BLOCK = 4 << 20  # bytes per read or write call: large enough to stream, small enough to throttle
@@ -91,16 +91,19 @@ class IOMode:
             log_once("o_direct", logging.WARNING, "kv tier: O_DIRECT refused on %s (%s); "
                      "using buffered I/O from now on", path, error.strerror)
 
-    def open(self, path: Path | str, flags: int, mode: int = 0o600) -> DirectFile:
-        """Open ``path``, with O_DIRECT while this mode has it."""
+    def open(self, path: Path | str, flags: int, mode: int = 0o600,
+             dir_fd: int | None = None) -> DirectFile:
+        """Open ``path`` (relative to ``dir_fd`` when given), with O_DIRECT while this
+        mode has it."""
         if self.direct:
             try:
-                return DirectFile(os.open(path, flags | _O_DIRECT, mode), self, path, True)
+                fd = os.open(path, flags | _O_DIRECT, mode, dir_fd=dir_fd)
+                return DirectFile(fd, self, path, True)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.fall_back(path, e)
-        return DirectFile(os.open(path, flags, mode), self, path, False)
+        return DirectFile(os.open(path, flags, mode, dir_fd=dir_fd), self, path, False)
 
 
 class DirectFile:
@@ -183,19 +186,26 @@ def _blocks(parts: Sequence[np.ndarray], staging: np.ndarray) -> Iterator[np.nda
         yield staging[:filled + pad]
 
 
-def write_file(path: Path, parts: Sequence[np.ndarray], mode: IOMode, staging: np.ndarray,
-               *, fsync: bool = False, pause: Callable[[], None] | None = None) -> None:
-    """Create ``path`` holding ``parts`` back to back, zero-padded to a multiple of ``ALIGN``.
+def write_blocks(f: DirectFile, parts: Sequence[np.ndarray], staging: np.ndarray, *,
+                 fsync: bool = False, pause: Callable[[], None] | None = None) -> None:
+    """Write ``parts`` back to back into the open file ``f`` from offset 0, zero-padded
+    to a multiple of ``ALIGN``.
 
     ``staging`` is an aligned buffer, a multiple of ``ALIGN`` long; ``pause`` runs before
     each block (the writer uses it to let reads go first).
     """
+    offset = 0
+    for block in _blocks(parts, staging):
+        if pause is not None:
+            pause()
+        f.write_all(block, offset)
+        offset += len(block)
+    if fsync:
+        os.fsync(f.fd)
+
+
+def write_file(path: Path, parts: Sequence[np.ndarray], mode: IOMode, staging: np.ndarray,
+               *, fsync: bool = False, pause: Callable[[], None] | None = None) -> None:
+    """Create ``path`` holding ``parts`` (see :func:`write_blocks`)."""
     with mode.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC) as f:
-        offset = 0
-        for block in _blocks(parts, staging):
-            if pause is not None:
-                pause()
-            f.write_all(block, offset)
-            offset += len(block)
-        if fsync:
-            os.fsync(f.fd)
+        write_blocks(f, parts, staging, fsync=fsync, pause=pause)

@@ -21,7 +21,8 @@ import torch
 
 from .layout import ModelFingerprint
 
-__all__ = ["TokenIds", "chunk_keys", "token_digest", "check_key", "chunk_path", "temp_path",
+__all__ = ["TokenIds", "chunk_keys", "token_digest", "check_key", "chunk_path", "temp_name",
+           "temp_writer",
            "is_chunk_name", "is_temp_name", "CHUNK_SUFFIX"]
 
 TokenIds = Sequence[int] | np.ndarray | torch.Tensor
@@ -99,10 +100,17 @@ def chunk_path(root: Path, key: str) -> Path:
     return root / key[:2] / f"{key}{CHUNK_SUFFIX}"
 
 
-def temp_path(final: Path) -> Path:
-    """A temporary name beside ``final``, unique to this process and write."""
-    return final.with_name(f"{_TEMP_PREFIX}{final.stem}.{os.getpid()}.{os.urandom(4).hex()}"
-                           f"{_TEMP_SUFFIX}")
+def temp_name(final_name: str) -> str:
+    """A temporary name beside the chunk file ``final_name``, unique to this process and
+    write: ``.<key>.<pid>.<random>.tmp`` (see :func:`temp_writer`)."""
+    stem = final_name.removesuffix(CHUNK_SUFFIX)
+    return f"{_TEMP_PREFIX}{stem}.{os.getpid()}.{os.urandom(4).hex()}{_TEMP_SUFFIX}"
+
+
+def temp_writer(name: str) -> int | None:
+    """The process id that created the temporary file ``name``, if it names one."""
+    parts = name.removesuffix(_TEMP_SUFFIX).split(".")
+    return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
 
 
 def is_chunk_name(name: str) -> bool:

@@ -29,6 +29,11 @@ class ModelFingerprint:
     """Everything that makes one rank's KV bytes incompatible with another's.
 
     Two processes produce the same chunk keys only when every field matches.
+
+    ``dtype`` is how the pool stores KV (the bytes of a chunk: ``uint8`` for both fp8
+    formats); ``kv_dtype`` is what those bytes mean (``float8_e4m3fn`` or
+    ``float8_e5m2``), empty when it is ``dtype`` itself. ``model`` is the weights'
+    content identity plus the settings that change KV (see :mod:`.identity`).
     """
 
     model: str
@@ -39,13 +44,20 @@ class ModelFingerprint:
     tp_rank: int = 0
     tp_size: int = 1
     layout: str = KV_AXES
+    kv_dtype: str = ""
+    pp_rank: int = 0
+    pp_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        if min(self.num_layers, self.num_kv_heads, self.head_dim, self.tp_size) <= 0:
-            raise ValueError(f"layer, head, head_dim and tp_size must be positive: {self}")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+        if self.kv_dtype:
+            object.__setattr__(self, "kv_dtype", dtype_name(self.kv_dtype))
+        if min(self.num_layers, self.num_kv_heads, self.head_dim, self.tp_size,
+               self.pp_size) <= 0:
+            raise ValueError(f"layer, head, head_dim, tp_size and pp_size must be positive: "
+                             f"{self}")
+        if not 0 <= self.tp_rank < self.tp_size or not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"rank outside its size: {self}")
 
     @property
     def digest(self) -> bytes:

@@ -1,141 +1,167 @@
-"""Start-up recovery: rebuild the index from chunk headers, and quarantine bad files.
+"""Start-up recovery: rebuild the index from chunk headers, and set bad files aside.
 
 Only renamed (committed) files carry a chunk name, so a write cut short by a crash or a
-``kill -9`` leaves a temporary file, which is deleted here and was never readable. Every
+``kill -9`` leaves a temporary file, which is deleted here once its writer is gone (other
+servers sharing the folder may be writing theirs right now) and was never readable. Every
 chunk file's 4 KiB header is read, in parallel, and checked against its name and size;
 the payload checksum is left to the first load, which verifies it anyway.
+
+Nothing found here is trusted: symlinks, FIFOs, devices and folders under chunk or shard
+names are removed (the entry itself, never what it points to), files of other users are
+skipped and counted, and an error on one entry or shard never stops the scan.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from . import faults
 from ._log import log_once
 from .chunk_file import HEADER_SIZE, CorruptChunk, unpack_header
 from .direct_io import IOMode, alloc_aligned
-from .keys import is_chunk_name, is_temp_name
+from .keys import CHUNK_SUFFIX, is_chunk_name, is_temp_name, temp_writer
+from .tier_dir import TierDir
 
-__all__ = ["QUARANTINE_DIR", "ScanResult", "scan", "quarantine"]
+__all__ = ["ScanResult", "scan", "disk_bytes", "trusted_file", "STALE_TEMP_SECONDS"]
 
-QUARANTINE_DIR = "quarantine"
-MAX_QUARANTINED = 32  # oldest quarantined files beyond this are deleted
+# A temporary file older than this is a leftover even if its writer's pid is alive here
+# (pids are reused, and another container's writer is invisible).
+STALE_TEMP_SECONDS = 600.0
 
 
 @dataclass
 class ScanResult:
-    chunks: list[tuple[str, int]] = field(default_factory=list)  # (key, bytes), oldest first
+    # (key, bytes on disk, mtime in ns), oldest first
+    chunks: list[tuple[str, int, int]] = field(default_factory=list)
     files: int = 0  # chunk-named files inspected
     corrupt: int = 0
     temp_removed: int = 0
+    untrusted: int = 0  # other users' files, symlinks, FIFOs, devices under chunk names
+    errors: int = 0  # entries or shards that could not be listed, read or removed
     seconds: float = 0.0
 
 
-def scan(root: Path, mode: IOMode, threads: int = 16) -> ScanResult:
-    """Inspect every chunk file under ``root``; delete temporary files, quarantine bad ones."""
+def disk_bytes(st: os.stat_result) -> int:
+    """Bytes a file really occupies (a sparse file claiming a terabyte occupies little)."""
+    return st.st_blocks * 512
+
+
+def scan(folder: TierDir, mode: IOMode, threads: int = 16) -> ScanResult:
+    """Inspect every chunk file of ``folder``; remove leftovers, set bad files aside.
+
+    Raises ``OSError`` only when the folder itself cannot be listed.
+    """
     start = time.perf_counter()
+    faults.hit("scan")
     result = ScanResult()
-    paths = _list_chunks(root, result)
+    found = _list_chunks(folder, result)
+    threads = max(1, min(threads, len(found)))
     # One task per thread, not per file: per-file futures cost more than a header read.
-    threads = max(1, min(threads, len(paths)))
-    slices = [paths[i::threads] for i in range(threads)]
+    slices = [found[i::threads] for i in range(threads)]
     with ThreadPoolExecutor(threads, thread_name_prefix="kvtier-scan") as pool:
-        outcomes = pool.map(lambda part: _inspect_all(part, mode), slices)
+        outcomes = pool.map(lambda part: _inspect_all(folder, part, mode), slices)
     dated = []
-    for part, found in zip(slices, outcomes):
-        for path, outcome in zip(part, found):
+    for part, checked in zip(slices, outcomes):
+        for key, outcome in zip(part, checked):
             if isinstance(outcome, str):
-                result.corrupt += quarantine(root, path, outcome)
+                result.corrupt += folder.quarantine(key, outcome)
             elif outcome is not None:
                 dated.append(outcome)
-    # Write time stands in for last access: the store does not touch files on reads.
-    result.chunks = [(key, size) for _, key, size in sorted(dated)]
-    result.files = len(paths)
+    # Modification time stands for last use: loads touch it, in every sharing server.
+    result.chunks = [(key, size, mtime) for mtime, key, size in sorted(dated, key=_by_time)]
+    result.files = len(found)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _list_chunks(root: Path, result: ScanResult) -> list[Path]:
-    paths = []
-    for directory in [root, *_shard_dirs(root)]:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if is_temp_name(entry.name):
-                    result.temp_removed += _unlink(Path(entry.path))
-                elif directory != root and is_chunk_name(entry.name):
-                    paths.append(Path(entry.path))
-    return paths
+def _by_time(entry: tuple[int, str, int]) -> tuple[int, str]:
+    return entry[0], entry[1]
 
 
-def _shard_dirs(root: Path) -> list[Path]:
-    with os.scandir(root) as entries:
-        return [Path(e.path) for e in entries
-                if len(e.name) == 2 and all(c in "0123456789abcdef" for c in e.name)
-                and e.is_dir(follow_symlinks=False)]
+def _list_chunks(folder: TierDir, result: ScanResult) -> list[str]:
+    keys = []
+    shards, result.untrusted = folder.shards()
+    for shard in shards:
+        try:
+            entries = list(folder.entries(shard))
+        except OSError as e:
+            _error(result, f"cannot list {folder.root / shard} ({e})")
+            continue
+        for name, st in entries:
+            if is_temp_name(name):
+                if _stale(name, st):
+                    removed = folder.unlink_in(shard, name)
+                    result.temp_removed += removed
+                    if not removed:
+                        _error(result, f"cannot delete the leftover {folder.root / shard / name}")
+            elif is_chunk_name(name):
+                key = name.removesuffix(CHUNK_SUFFIX)
+                if key[:2] != shard:  # not where its name says: never looked up
+                    result.untrusted += 1
+                elif trusted_file(st):
+                    keys.append(key)
+                elif not stat.S_ISREG(st.st_mode):  # symlink, FIFO, device, folder
+                    result.untrusted += 1
+                    folder.unlink_in(shard, name)
+                else:  # another user's file: not ours to delete
+                    result.untrusted += 1
+    return keys
 
 
-def _inspect_all(paths: list[Path], mode: IOMode) -> list[tuple[int, str, int] | str | None]:
-    block = alloc_aligned(HEADER_SIZE, pin=False).numpy()
-    return [_inspect(path, mode, block) for path in paths]
+def trusted_file(st: os.stat_result) -> bool:
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
-def _inspect(path: Path, mode: IOMode, block: np.ndarray) -> tuple[int, str, int] | str | None:
-    """(mtime, key, size) of a good chunk, a reason it is bad, or None if it vanished."""
+def _stale(name: str, st: os.stat_result) -> bool:
+    if time.time() - st.st_mtime > STALE_TEMP_SECONDS:
+        return True
+    pid = temp_writer(name)
+    if pid is None:
+        return True
+    if pid == os.getpid():
+        return False  # another store of this process is writing it
     try:
-        with mode.open(path, os.O_RDONLY | os.O_CLOEXEC) as f:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
+
+
+def _error(result: ScanResult, message: str) -> None:
+    result.errors += 1
+    log_once("scan-error", logging.WARNING, "kv tier: %s (later scan errors are only "
+             "counted)", message)
+
+
+def _inspect_all(folder: TierDir, keys: list[str],
+                 mode: IOMode) -> list[tuple[int, str, int] | str | None]:
+    block = alloc_aligned(HEADER_SIZE, pin=False).numpy()
+    return [_inspect(folder, key, mode, block) for key in keys]
+
+
+def _inspect(folder: TierDir, key: str, mode: IOMode,
+             block: np.ndarray) -> tuple[int, str, int] | str | None:
+    """(mtime, key, bytes) of a good chunk, a reason it is bad, or None if it vanished."""
+    try:
+        with folder.open_chunk(key, mode) as f:
             header = unpack_header(block[:f.read_into(block, 0)])
-            stat = os.fstat(f.fd)
+            st = os.fstat(f.fd)
     except FileNotFoundError:
         return None
     except (CorruptChunk, OSError) as e:
         return str(e)
-    if header.key.hex() != path.stem:
+    if header.key.hex() != key:
         return f"header names chunk {header.key.hex()}"
-    if stat.st_size != header.file_size:
-        return f"file is {stat.st_size} bytes, header says {header.file_size}"
-    return stat.st_mtime_ns, path.stem, stat.st_size
-
-
-def quarantine(root: Path, path: Path, reason: str) -> bool:
-    """Move a bad chunk file into ``root/quarantine``; True unless it had already gone."""
-    folder = root / QUARANTINE_DIR
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        os.rename(path, folder / f"{path.name}.{time.time_ns()}")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        _unlink(path)  # cannot set it aside (read-only disk?): at least never read it again
-    log_once("quarantine", logging.WARNING, "kv tier: quarantined %s: %s (later bad chunks "
-             "are counted in stats, not logged)", path, reason)
-    _trim(folder)
-    return True
-
-
-def _trim(folder: Path) -> None:
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    names.sort(key=_quarantine_time)
-    for name in names[:-MAX_QUARANTINED]:
-        _unlink(folder / name)
-
-
-def _quarantine_time(name: str) -> int:
-    suffix = name.rsplit(".", 1)[-1]
-    return int(suffix) if suffix.isdigit() else 0
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-        return True
-    except OSError:
-        return False
+    if st.st_size != header.file_size:
+        return f"file is {st.st_size} bytes, header says {header.file_size}"
+    return st.st_mtime_ns, key, disk_bytes(st)

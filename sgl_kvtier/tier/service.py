@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import faults
 from ._log import logger
 from .background import yield_cpu_to_serving
 from .direct_io import alloc_aligned
@@ -53,6 +54,17 @@ class DiskHit:
     def length(self) -> int:
         return self.end - self.device_len
 
+    def cut(self, length: int) -> DiskHit | None:
+        """The same hit, ending ``length`` tokens after ``device_len`` (``None`` for 0):
+        tensor-parallel ranks agree on the shortest hit among them."""
+        if length <= 0:
+            return None
+        end = self.device_len + min(length, self.length)
+        chunk = len(self.chunk_tokens[0])
+        count = -(-(end - self.first_chunk * chunk) // chunk)
+        return DiskHit(self.keys[:count], self.chunk_tokens[:count], self.first_chunk,
+                       self.device_len, end)
+
 
 @dataclass
 class _PackJob:
@@ -60,6 +72,7 @@ class _PackJob:
     chunk_tokens: list[TokenIds]
     slots: torch.Tensor  # (len(keys) * C,) on the pool's device
     handle: object  # returned by drain_written() once the slots are no longer read
+    epoch: int  # cancel_copies() moves the service on: older jobs never read the pool
 
 
 class TierService:
@@ -89,8 +102,13 @@ class TierService:
         self._staging = [alloc_aligned(self.layout.nbytes) for _ in range(loads_in_flight)]
         self.counters = {"lookups": 0, "disk_hit_tokens": 0, "loaded_tokens": 0,
                          "load_failures": 0, "load_seconds": 0.0, "offered_chunks": 0,
-                         "packed_chunks": 0, "pack_seconds": 0.0, "copies_pending": 0}
+                         "packed_chunks": 0, "pack_seconds": 0.0, "copies_pending": 0,
+                         "copies_cancelled": 0}
         self._count_lock = threading.Lock()  # the packer thread updates counters too
+        # Held while a chunk is copied out of the pool, so cancel_copies() can wait for it.
+        self._copy_lock = threading.Lock()
+        self._epoch = 0
+        self.failure: Exception | None = None  # an unexpected error on the packer thread
         self._jobs: queue.SimpleQueue[_PackJob | None] = queue.SimpleQueue()
         self._written: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._packer = threading.Thread(target=self._pack_loop, name="kvtier-pack", daemon=True)
@@ -110,6 +128,7 @@ class TierService:
         chunk found may be used in part when ``limit`` cuts it (SGLang always computes at
         least the last prompt token: a 2048-token prompt reuses at most 2047).
         """
+        faults.hit("match")
         self.counters["lookups"] += 1
         limit = len(token_ids) if limit is None else min(limit, len(token_ids))
         whole = -(-limit // self.chunk)  # chunks touching [0, limit)
@@ -132,6 +151,7 @@ class TierService:
         Reads run ``loads_in_flight`` chunks ahead of the copy into the pool. False if any
         chunk turned out missing or corrupt: the caller recomputes (and frees ``slots``).
         """
+        faults.hit("load")
         start = time.perf_counter()
         pending: deque[tuple[int, Future]] = deque()
         next_chunk, ok = 0, True
@@ -192,6 +212,7 @@ class TierService:
             Number of whole chunks in ``token_ids`` (the next call's ``from_chunk``); the
             chunks queued for a write are counted in :meth:`stats`.
         """
+        faults.hit("offer")
         whole = len(token_ids) // self.chunk
         if whole <= from_chunk:
             return whole
@@ -204,7 +225,8 @@ class TierService:
             self._count("copies_pending", 1)
             self._jobs.put(_PackJob([keys[i] for i in wanted],
                                     [token_ids[i * self.chunk:(i + 1) * self.chunk]
-                                     for i in wanted], slots.index_select(0, index), handle))
+                                     for i in wanted], slots.index_select(0, index), handle,
+                                    self._epoch))
         else:
             self._written.put(handle)  # nothing to copy: release at once
         return whole
@@ -218,29 +240,62 @@ class TierService:
             except queue.Empty:
                 return done
 
+    def cancel_copies(self) -> int:
+        """Make sure no queued or running copy reads the pool after this returns.
+
+        The engine calls it before it frees slots that offers pinned (a cache reset):
+        those slots may be handed to other requests at once, and a copy reading them
+        then would write another prompt's KV under this prompt's key, with a valid
+        checksum. Waits only for the chunk being copied right now (milliseconds).
+
+        Returns
+        -------
+        int
+            Copy-out jobs that had not finished (their chunks are not written).
+        """
+        with self._copy_lock:
+            self._epoch += 1
+            with self._count_lock:
+                return int(self.counters["copies_pending"])
+
     def _pack_loop(self) -> None:
         yield_cpu_to_serving()
         while (job := self._jobs.get()) is not None:
             start = time.perf_counter()
             try:
-                for i, key in enumerate(job.keys):
-                    out = alloc_aligned(self.layout.nbytes)
-                    pack_chunk(self.pool, job.slots[i * self.chunk:(i + 1) * self.chunk], out,
-                               self.layout)
-                    self.store.put(key, job.chunk_tokens[i], out, self.layout, admitted=True)
-                self._count("packed_chunks", len(job.keys))
-            except Exception:  # never lose the handle: the engine would keep the slots pinned
-                logger.exception("kv tier: copying KV out of the pool failed")
+                self._pack(job)
+            except Exception as e:  # never lose the handle: the engine would keep the slots pinned
+                if self.failure is None:
+                    self.failure = e
+                    logger.exception("kv tier: copying KV out of the pool failed")
             finally:
                 self._count("pack_seconds", time.perf_counter() - start)
                 self._count("copies_pending", -1)
                 self._written.put(job.handle)
+
+    def _pack(self, job: _PackJob) -> None:
+        faults.hit("copy")
+        for i, key in enumerate(job.keys):
+            out = alloc_aligned(self.layout.nbytes)
+            with self._copy_lock:
+                if job.epoch != self._epoch:  # the slots were freed: they hold other KV now
+                    self._count("copies_cancelled", 1)
+                    return
+                pack_chunk(self.pool, job.slots[i * self.chunk:(i + 1) * self.chunk], out,
+                           self.layout)
+            self.store.put(key, job.chunk_tokens[i], out, self.layout, admitted=True)
+            self._count("packed_chunks", 1)
 
     def _count(self, name: str, delta: float) -> None:
         with self._count_lock:
             self.counters[name] += delta
 
     # ------------------------------------------------------------------------- rest
+
+    def broken(self) -> Exception | None:
+        """The first unexpected error (a bug, not the disk) of a background thread: the
+        copy-out thread's or the store's writer's. The engine stops using the tier."""
+        return self.failure or self.store.broken
 
     def stats(self) -> dict:
         """The store's counters and this service's, in one flat dict."""
@@ -257,7 +312,12 @@ class TierService:
 
 def namespace_of(extra_key: object, cache_salt: object) -> str:
     """The tenant namespace of a request from the engine's ``extra_key`` (LoRA, caller
-    tags) and ``cache_salt``: requests share chunks only when both are equal."""
+    tags) and ``cache_salt``: requests share chunks only when both are equal.
+
+    Each part is length-prefixed (``None`` is ``-``), so no two different pairs give the
+    same namespace: ``("a|b", None)`` and ``("a", "b|")`` stay apart whatever they contain.
+    """
     if extra_key is None and cache_salt is None:
         return ""
-    return f"{'' if extra_key is None else extra_key}\x1f{'' if cache_salt is None else cache_salt}"
+    return "".join("-" if part is None else f"{len(str(part))}:{part}"
+                   for part in (extra_key, cache_salt))

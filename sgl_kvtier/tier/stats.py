@@ -32,6 +32,9 @@ class Counters:
     capacity_refusals: int = 0  # did not fit even after evicting every unpinned chunk
     write_drops: int = 0  # write queue full, or writes disabled
     write_errors: int = 0
+    discovered: int = 0  # chunks another server sharing the folder wrote, found on lookup
+    untrusted_files: int = 0  # symlinks, FIFOs, devices, other users' files: never read
+    scan_errors: int = 0  # entries or shards the start-up scan could not list or remove
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -82,7 +85,7 @@ class BusyClock:
 
 # The counters whose change since the last summary means there was activity to report.
 _ACTIVITY = ("hits", "misses", "bytes_written", "write_drops", "write_errors",
-             "admission_refusals", "checksum_failures", "corrupt_files")
+             "admission_refusals", "checksum_failures", "corrupt_files", "untrusted_files")
 
 
 class SummaryLog:

@@ -1,19 +1,22 @@
-"""ChunkStore: KV chunks in files under one directory, with an index, a capacity and a writer.
+"""ChunkStore: KV chunks in files under one folder, with an index, a capacity and a writer.
 
-Guarantees, whatever the disk does:
+Guarantees, whatever the disk (or anyone with access to it) does:
 
 * A load returns the bytes that were put under that key, or ``None``: every payload is
   checksummed on every load, and the header must name the key (and, when given, the
   tokens and layout) the caller asked for.
+* Nothing outside the folder is ever touched, and nothing in it is trusted: see
+  :mod:`.tier_dir` (no symlinks followed, regular files of this user only).
 * I/O errors never reach the caller: reads turn into misses, write errors into read-only
   mode (one log line).
 * Only renamed files are chunks, so a crash mid-write leaves nothing readable behind.
+* Several stores (servers) may share one folder: chunk files are immutable and named by
+  their key, so each finds the others' chunks on disk, and the capacity holds across
+  them (see :mod:`.capacity`).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 from collections.abc import Sequence
@@ -23,40 +26,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import faults
 from ._log import log_once, logger
 from .admission import make_admission
+from .capacity import Capacity
 from .chunk_file import ChecksumMismatch, CorruptChunk, file_size
 from .chunk_io import ChunkMismatch, read_chunk, write_chunk
 from .config import StoreConfig
 from .direct_io import BLOCK, IOMode, alloc_aligned, as_byte_array
 from .index import ChunkIndex
-from .keys import TokenIds, check_key, chunk_path, token_digest
+from .keys import TokenIds, check_key, token_digest
 from .layout import ChunkLayout
-from .recovery import ScanResult, quarantine, scan
+from .recovery import ScanResult, disk_bytes, scan
 from .stats import BusyClock, Counters, SummaryLog
 from .throttle import TokenBucket
+from .tier_dir import TierDir, UntrustedEntry, UntrustedRoot
+from .usage import SharedUsage
 from .writer import BackgroundWriter, ReadGate, WriteJob
 
-__all__ = ["ChunkStore", "TierLocked", "Destination"]
+__all__ = ["ChunkStore", "Destination", "UntrustedRoot"]
 
 Destination = torch.Tensor | np.ndarray | bytearray | memoryview
-_LOCK_FILE = "LOCK"
-
-
-class TierLocked(RuntimeError):
-    """Another live store (this process or another) owns the directory."""
 
 
 class ChunkStore:
     """Disk tier of KV chunks addressed by :func:`~sgl_kvtier.tier.keys.chunk_keys` keys.
 
     Opening rebuilds the index from the files' headers. ``put`` is asynchronous; ``load``
-    reads a batch on ``read_threads`` threads, ahead of any write in progress.
+    reads a batch on ``read_threads`` threads, ahead of any write in progress. A folder
+    that cannot be created or scanned leaves the store read-only (one log line).
 
     Raises
     ------
-    TierLocked
-        If another open store holds ``config.root``.
+    UntrustedRoot
+        If the folder is a symlink, or it or its parent belongs to another user.
     """
 
     def __init__(self, config: StoreConfig) -> None:
@@ -72,21 +75,37 @@ class ChunkStore:
         self._summary = SummaryLog(config.summary_interval)
         self._staging = alloc_aligned(BLOCK, pin=False).numpy()  # the writer thread's
         self._closed = False
-        self._lock_fd: int | None = None
-        root_error = self._open_root()
-        self.scan = self._rebuild() if self.root.is_dir() else ScanResult()
+        self._dir: TierDir | None = None
+        self._usage: SharedUsage | None = None
+        self._capacity: Capacity | None = None
+        problem = self._open_folder()
+        self.scan = ScanResult()
+        if problem is None:
+            problem = self._rebuild()
         self._pool = ThreadPoolExecutor(config.read_threads, thread_name_prefix="kvtier-read")
         self._writer = BackgroundWriter(self._commit, self.counters,
                                         config.max_queued_write_bytes,
                                         config.write_retry_interval)
-        if root_error is not None:
-            self._writer.turn_off(root_error)
+        if problem is not None:
+            self._writer.turn_off(problem)
+
+    @property
+    def broken(self) -> Exception | None:
+        """An unexpected error (a bug, not the disk) that stopped the writer for good."""
+        return self._writer.broken
 
     # ------------------------------------------------------------------ lookups and loads
 
     def contains_prefix(self, keys: Sequence[str]) -> int:
-        """How many of ``keys``, from the first, are stored (queued writes do not count)."""
-        return self._index.prefix_length(keys)
+        """How many of ``keys``, from the first, are stored (queued writes do not count).
+
+        Keys this store has not indexed are looked for on disk (one ``stat``), so chunks
+        written by another server sharing the folder are found."""
+        found = self._index.prefix_length(keys)
+        while (found < len(keys) and self._capacity is not None and not self._closed
+               and self._capacity.discover(check_key(keys[found]))):
+            found += 1
+        return found
 
     def load(self, keys: Sequence[str], token_ids: Sequence[TokenIds] | None = None,
              layout: ChunkLayout | None = None,
@@ -122,7 +141,7 @@ class ChunkStore:
         for i, key in enumerate(keys):
             digest = token_digest(token_ids[i]) if token_ids is not None else None
             dst = out[i] if out is not None else None
-            if self._closed or not self._index.pin(check_key(key)):
+            if self._closed or self._dir is None or not self._index.pin(check_key(key)):
                 self.counters.add(misses=1)
                 futures.append(_done(None))
             else:
@@ -131,24 +150,31 @@ class ChunkStore:
 
     def _load_pinned(self, key: str, digest: bytes | None, layout: ChunkLayout | None,
                      dst: Destination | None) -> torch.Tensor | None:
-        path = chunk_path(self.root, key)
         try:
             with self._gate.reading(), self._read_clock:
-                payload = read_chunk(path, key, lambda n: _destination(dst, n), self._mode,
-                                     token_digest=digest, layout=layout,
-                                     throttle=self._throttle)
+                with self._dir.open_chunk(key, self._mode) as f:
+                    payload = read_chunk(f, key, lambda n: _destination(dst, n),
+                                         token_digest=digest, layout=layout,
+                                         throttle=self._throttle)
+                    os.utime(f.fd)  # the shared recency of this chunk (see capacity)
+                    self._index.touch(key, os.fstat(f.fd).st_mtime_ns)
         except FileNotFoundError:
             self._index.remove(key)
             self.counters.add(misses=1, missing_files=1)
+        except UntrustedEntry as e:
+            self._index.remove(key)
+            self.counters.add(misses=1, untrusted_files=1)
+            log_once("untrusted", logging.WARNING, "kv tier: not reading %s (later ones are "
+                     "only counted)", e.strerror)
         except ChunkMismatch as e:
             self.counters.add(misses=1, mismatches=1)
-            log_once("mismatch", logging.WARNING, "kv tier: %s holds other %s than asked for; "
-                     "treated as a miss (later ones are only counted)", path, e)
+            log_once("mismatch", logging.WARNING, "kv tier: chunk %s holds other %s than asked "
+                     "for; treated as a miss (later ones are only counted)", key, e)
         except CorruptChunk as e:
-            self._discard(key, path, e)
+            self._discard(key, e)
         except OSError as e:
             # An unreadable file is as good as a corrupt one, and would fail again.
-            self._discard(key, path, CorruptChunk(f"read failed: {e}"))
+            self._discard(key, CorruptChunk(f"read failed: {e}"))
         else:
             self.counters.add(hits=1, bytes_read=len(payload))
             if isinstance(dst, torch.Tensor):
@@ -158,9 +184,13 @@ class ChunkStore:
             self._index.unpin(key)
         return None
 
-    def _discard(self, key: str, path: Path, error: CorruptChunk) -> None:
+    def _discard(self, key: str, error: CorruptChunk) -> None:
         self._index.remove(key)
-        moved = quarantine(self.root, path, str(error))
+        with self._usage.locked() as usage:
+            st = self._dir.stat_chunk(key)
+            moved = self._dir.quarantine(key, str(error))
+            if moved and st is not None and usage.bytes is not None:
+                usage.bytes -= disk_bytes(st)
         kind = "checksum_failures" if isinstance(error, ChecksumMismatch) else "corrupt_files"
         self.counters.add(misses=1, quarantined=int(moved), **{kind: 1})
 
@@ -222,75 +252,100 @@ class ChunkStore:
 
     def _commit(self, job: WriteJob) -> None:
         """Write one chunk (on the writer thread); raises on any I/O error."""
-        if job.key in self._index:
-            return
-        payload_len = len(job.payload)
-        if not self._make_room(file_size(payload_len)):
+        faults.hit("write")
+        if self._dir is None:
+            raise OSError(f"the tier folder {self.root} is not open")
+        if job.key in self._index or self._capacity.discover(job.key):
+            return  # another server sharing the folder wrote it
+        if file_size(len(job.payload)) > self.config.capacity_bytes:
             self.counters.add(capacity_refusals=1)
             return
-        path = chunk_path(self.root, job.key)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
         with self._write_clock:
-            write_chunk(path, job.key, job.token_digest, job.layout, job.payload, self._mode,
-                        self._staging, fsync=self.config.fsync, pause=self._let_reads_pass)
-        self._index.add(job.key, file_size(payload_len))
-        self.counters.add(bytes_written=payload_len, chunks_written=1)
+            written = write_chunk(self._dir, job.key, job.token_digest, job.layout,
+                                  job.payload, self._mode, self._staging,
+                                  lambda tmp: self._publish(job.key, tmp, len(job.payload)),
+                                  fsync=self.config.fsync, pause=self._between_blocks)
+        if written:
+            self.counters.add(bytes_written=len(job.payload), chunks_written=1)
 
-    def _let_reads_pass(self) -> None:
+    def _publish(self, key: str, tmp: str, payload_len: int) -> bool:
+        """Make room and rename ``tmp`` into place, under the folder's shared lock."""
+        with self._usage.locked() as usage:
+            if usage.bytes is None:  # first server here, or a damaged count: recount
+                usage.bytes = self._capacity.rescan()
+            if not self._capacity.make_room(usage, file_size(payload_len)):
+                self.counters.add(capacity_refusals=1)
+                return False
+            if not self._dir.publish(key, tmp, fsync=self.config.fsync):
+                return False
+            st = self._dir.stat_chunk(key)
+            size = disk_bytes(st) if st is not None else file_size(payload_len)
+            usage.bytes += size
+        self._index.add(key, size, st.st_mtime_ns if st is not None else 0)
+        return True
+
+    def _between_blocks(self) -> None:
+        faults.hit("block")
         self._gate.wait_idle(self.config.reads_first_max_wait)
 
     def clear(self) -> int:
-        """Delete every chunk not being read right now; returns how many were deleted."""
-        victims = self._index.remove_unpinned()
-        for key in victims:
-            chunk_path(self.root, key).unlink(missing_ok=True)
-        return len(victims)
-
-    def _make_room(self, nbytes: int) -> bool:
-        victims = self._index.evict_for(nbytes, self.config.capacity_bytes)
-        if victims is None:
-            return False
-        for key in victims:
-            chunk_path(self.root, key).unlink(missing_ok=True)
-        self.counters.add(evictions=len(victims))
-        return True
+        """Delete every chunk this store indexed that is not being read right now;
+        returns how many were deleted."""
+        if self._dir is None:
+            return 0
+        deleted = 0
+        with self._usage.locked() as usage:
+            for key in self._index.unpinned_keys():
+                st = self._dir.stat_chunk(key)
+                if self._index.remove_unpinned(key) and self._dir.remove(key):
+                    deleted += 1
+                    if st is not None and usage.bytes is not None:
+                        usage.bytes -= disk_bytes(st)
+        return deleted
 
     # --------------------------------------------------------------- open, stats, close
 
-    def _open_root(self) -> OSError | None:
-        """Create and lock the root; the error that makes this store read-only, if any."""
+    def _open_folder(self) -> OSError | None:
+        """Open the folder and its shared lock; the error that makes this store
+        read-only, if any. ``UntrustedRoot`` is raised: such a folder is refused."""
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            self._lock_fd = os.open(self.root / _LOCK_FILE, flags, 0o600)
+            self._dir = TierDir(self.root)
+            self._usage = SharedUsage(self._dir)
+        except UntrustedRoot:
+            raise
         except OSError as e:
+            if self._dir is not None:
+                self._dir.close()
+                self._dir = None
             return e
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise TierLocked(f"{self.root} is in use by another kv tier store") from None
-            return e
+        self.root = self._dir.root
+        self._capacity = Capacity(self._dir, self._index, self.counters,
+                                  self.config.capacity_bytes)
         return None
 
-    def _rebuild(self) -> ScanResult:
+    def _rebuild(self) -> OSError | None:
+        """Index the folder's chunks; the error that makes this store read-only, if any."""
         try:
-            result = scan(self.root, self._mode)
+            with self._usage.locked() as usage:
+                self.scan = scan(self._dir, self._mode)
+                for key, size, mtime in self.scan.chunks:
+                    self._index.add(key, size, mtime)
+                usage.bytes = self._index.total_bytes
+                # The capacity may have shrunk since the last run.
+                self._capacity.make_room(usage, 0)
         except OSError as e:
-            log_once("scan", logging.WARNING, "kv tier: cannot list %s (%s); starting empty",
-                     self.root, e)
-            return ScanResult()
-        for key, size in result.chunks:
-            self._index.add(key, size)
-        self._make_room(0)  # the capacity may have shrunk since the last run
-        self.counters.add(corrupt_files=result.corrupt, quarantined=result.corrupt)
+            log_once("scan", logging.WARNING, "kv tier: cannot scan %s (%s); continuing "
+                     "read-only with what lookups find on disk", self.root, e)
+            self.scan = ScanResult()
+            return e
+        self.counters.add(corrupt_files=self.scan.corrupt, quarantined=self.scan.corrupt,
+                          untrusted_files=self.scan.untrusted, scan_errors=self.scan.errors)
         logger.info("kv tier: %d chunks (%.2f GiB) in %s; index rebuilt in %.2f s, %d bad files "
-                    "quarantined, %d temporary files removed", len(self._index),
-                    self._index.total_bytes / 2**30, self.root, result.seconds, result.corrupt,
-                    result.temp_removed)
-        return result
+                    "quarantined, %d temporary files removed, %d untrusted entries skipped",
+                    len(self._index), self._index.total_bytes / 2**30, self.root,
+                    self.scan.seconds, self.scan.corrupt, self.scan.temp_removed,
+                    self.scan.untrusted)
+        return None
 
     def stats(self) -> dict[str, float]:
         """A snapshot of every counter and gauge (see :class:`~.stats.Counters`)."""
@@ -301,6 +356,7 @@ class ChunkStore:
             chunks=len(self._index), used_bytes=self._index.total_bytes,
             capacity_bytes=self.config.capacity_bytes,
             write_queue_depth=jobs, write_queue_bytes=queued_bytes,
+            writes_in_flight=jobs + int(self._writer.busy),
             read_seconds=read_s, write_seconds=write_s,
             read_bandwidth=snap["bytes_read"] / read_s if read_s else 0.0,
             write_bandwidth=snap["bytes_written"] / write_s if write_s else 0.0,
@@ -314,15 +370,16 @@ class ChunkStore:
         return self._summary.maybe_log(self.stats)
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish queued writes (up to ``timeout`` s), stop the threads, release the root."""
+        """Finish queued writes (up to ``timeout`` s), stop the threads, release the folder."""
         if self._closed:
             return
         self._closed = True
         self._writer.close(timeout)
         self._pool.shutdown(wait=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        if self._usage is not None:
+            self._usage.close()
+        if self._dir is not None:
+            self._dir.close()
 
     def __enter__(self) -> ChunkStore:
         return self

@@ -1,8 +1,9 @@
 """The background writer: one thread, a byte-bounded queue, reads first, errors contained.
 
-A write error (disk full, read-only or vanished directory, anything) turns writing off:
-the store carries on read-only, logs one line, and lets one write through every
-``retry_interval`` seconds to find out whether the problem has gone.
+A write error (disk full, read-only or vanished directory) turns writing off: the store
+carries on read-only, logs one line, and lets one write through every ``retry_interval``
+seconds to find out whether the problem has gone. Any other exception is a bug: writing
+stops for good (``broken``), with one line and its traceback.
 """
 
 from __future__ import annotations
@@ -82,14 +83,22 @@ class BackgroundWriter:
         self._busy = False
         self._closing = False
         self._failed_at: float | None = None  # set while writing is off
+        self.broken: Exception | None = None  # a bug in a write: no retries
         self._thread = threading.Thread(target=self._run, name="kvtier-writer", daemon=True)
         self._thread.start()
 
     @property
     def writable(self) -> bool:
-        """False while writing is off and no retry is due yet."""
+        """False while writing is off and no retry is due yet, or for good once broken."""
         failed = self._failed_at
+        if self.broken is not None:
+            return False
         return failed is None or time.monotonic() - failed >= self.retry_interval
+
+    @property
+    def busy(self) -> bool:
+        """True while a job is being written."""
+        return self._busy
 
     @property
     def failed(self) -> bool:
@@ -157,7 +166,10 @@ class BackgroundWriter:
                 continue
             try:
                 self._commit(job)
-            except Exception as e:  # any failure, even a bug, must leave serving untouched
+            except OSError as e:
+                self.turn_off(e)
+            except Exception as e:  # a bug: must leave serving untouched, never retried
+                self.broken = e
                 self.turn_off(e)
             else:
                 self._turn_on()
@@ -166,9 +178,12 @@ class BackgroundWriter:
         """Count ``error`` and stop writing until the next retry; logs the first time."""
         self._counters.add(write_errors=1)
         if self._failed_at is None:
-            logger.warning("kv tier: write failed (%s); continuing read-only, retrying a write "
-                           "every %.0f s", error, self.retry_interval,
-                           exc_info=not isinstance(error, OSError))
+            if self.broken is not None:
+                logger.error("kv tier: a write failed unexpectedly (%r); no more writes, "
+                             "reads go on", error, exc_info=error)
+            else:
+                logger.warning("kv tier: write failed (%s); continuing read-only, retrying a "
+                               "write every %.0f s", error, self.retry_interval)
         self._failed_at = time.monotonic()
 
     def _turn_on(self) -> None:

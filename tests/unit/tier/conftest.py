@@ -24,7 +24,8 @@ def open_store(tmp_path):
     stores = []
 
     def _open(**overrides) -> ChunkStore:
-        settings = {"root": tmp_path / "tier", "capacity_bytes": 1 << 30, **overrides}
+        settings = {"root": tmp_path / "tier", "capacity_bytes": 1 << 30, "admission": "always",
+                    **overrides}
         store = ChunkStore(StoreConfig(**settings))
         stores.append(store)
         return store

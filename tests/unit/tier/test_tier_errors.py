@@ -84,7 +84,8 @@ _FSIZE_SCRIPT = textwrap.dedent("""
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("sgl_kvtier").addHandler(handler)
-    store = ChunkStore(StoreConfig(sys.argv[1], 1 << 30, write_retry_interval=3600))
+    store = ChunkStore(StoreConfig(sys.argv[1], 1 << 30, admission="always",
+                                     write_retry_interval=3600))
     resource.setrlimit(resource.RLIMIT_FSIZE, (LAYOUT.nbytes // 2, resource.RLIM_INFINITY))
     prompt = make_prompt(3)
     prompt.put(store)
@@ -106,14 +107,58 @@ def test_file_size_limit_error_is_contained(tmp_path):
     assert not list((tmp_path / "tier").rglob("*.tmp"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a read-only mode")
-def test_read_only_directory(open_store, tier_log):
-    store, prompt = open_store(), make_prompt(1)
-    os.chmod(store.root, 0o500)
+def _read_only_folder_child(root: str, conn) -> None:
+    """In a forked child: drop root (which writes through any mode) to 'nobody', then
+    write into a folder of mode 0500. Sends back the stats and the warnings logged."""
     try:
-        prompt.put(store)
-        store.flush(10)
-    finally:
-        os.chmod(store.root, 0o700)
-    assert store.stats()["write_errors"] == 1 and len(tier_warnings(tier_log)) == 1
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+        conn.send(_write_into_read_only(root))
+    except BaseException as e:  # the parent reports it
+        conn.send(repr(e))
 
+
+def _write_into_read_only(root: str):
+    import logging
+    import pathlib
+
+    from sgl_kvtier.tier import ChunkStore, StoreConfig
+
+    lines = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("sgl_kvtier").addHandler(handler)
+    store = ChunkStore(StoreConfig(pathlib.Path(root) / "tier", 1 << 30, admission="always",
+                                   write_retry_interval=3600))
+    os.chmod(store.root, 0o500)
+    make_prompt(1).put(store)
+    store.flush(10)
+    store.close()
+    return store.stats(), lines
+
+
+def test_read_only_folder():
+    import multiprocessing
+    import shutil
+    import tempfile
+
+    # Outside pytest's 0700 tmp_path, so that the unprivileged child can reach it.
+    folder = tempfile.mkdtemp(prefix="kvtier-ro-")
+    try:
+        if os.geteuid() == 0:
+            os.chmod(folder, 0o755)
+            os.chown(folder, 65534, 65534)
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_read_only_folder_child, args=(folder, child))
+        proc.start()
+        assert parent.poll(60), "the child sent nothing"
+        answer = parent.recv()
+        proc.join(30)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert isinstance(answer, tuple), answer
+    stats, lines = answer
+    assert stats["write_errors"] == 1 and stats["chunks_written"] == 0
+    assert len(lines) == 1 and "Permission denied" in lines[0], lines

@@ -12,7 +12,7 @@ import torch
 from tier_helpers import CHUNK, FP
 
 from sgl_kvtier.tier import chunk_keys, chunk_path
-from sgl_kvtier.tier.keys import check_key, is_chunk_name, is_temp_name, temp_path
+from sgl_kvtier.tier.keys import check_key, is_chunk_name, is_temp_name, temp_name, temp_writer
 
 TOKENS = list(range(1000, 1000 + 4 * CHUNK))
 
@@ -107,8 +107,9 @@ def test_paths_stay_inside_the_root(tmp_path):
 
 def test_temp_names_never_look_like_chunks(tmp_path):
     final = chunk_path(tmp_path, chunk_keys(FP, "", TOKENS, CHUNK)[0])
-    tmp = temp_path(final)
-    assert tmp.parent == final.parent and tmp != temp_path(final)
-    assert is_temp_name(tmp.name) and not is_chunk_name(tmp.name)
+    tmp = temp_name(final.name)
+    assert tmp != temp_name(final.name)
+    assert is_temp_name(tmp) and not is_chunk_name(tmp)
     assert not is_temp_name(final.name)
     assert Path(tmp).suffix == ".tmp"
+    assert temp_writer(tmp) == os.getpid() and temp_writer(".x.tmp") is None

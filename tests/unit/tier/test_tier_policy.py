@@ -50,17 +50,17 @@ def test_a_chunk_that_cannot_fit_is_refused(open_store):
     assert store.stats()["capacity_refusals"] == 1 and store.contains_prefix(prompt.keys) == 0
 
 
-def test_pinned_chunks_are_never_evicted():
+def test_pinned_chunks_are_never_eviction_candidates():
     index = ChunkIndex()
     for key in "abc":
-        index.add(key, 10)
+        index.add(key, 10, mtime_ns=1)
     assert index.pin("a")
-    assert index.evict_for(10, 30) == ["b"]
-    assert index.evict_for(25, 30) is None  # only "a" and "c" left, "a" is pinned
-    assert "c" in index
+    assert [k for k, _, _ in index.oldest_unpinned()] == ["b", "c"]
+    assert index.remove_unpinned("a") == 0 and "a" in index
     index.unpin("a")
     # Pinning was a use: "a" is now more recent than "c".
-    assert index.evict_for(25, 30) == ["c", "a"] and index.total_bytes == 0
+    assert [k for k, _, _ in index.oldest_unpinned()] == ["b", "c", "a"]
+    assert index.remove_unpinned("a") == 10 and index.total_bytes == 20
 
 
 def test_second_hit_writes_only_chunks_offered_twice(open_store):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig
-from sgl_kvtier.tier.identity import model_identity
 from sgl_kvtier.tier.kv_transfer import KVPool, pack_chunk, unpack_chunk
 from sgl_kvtier.tier.service import TierService, namespace_of
 
@@ -34,7 +33,8 @@ def service_pair(tmp_path):
     def open_service(pool: KVPool) -> TierService:
         for s in made:
             s.close()
-        store = ChunkStore(StoreConfig(root=tmp_path / "tier", capacity_bytes=1 << 30))
+        store = ChunkStore(StoreConfig(root=tmp_path / "tier", capacity_bytes=1 << 30,
+                                       admission="always"))
         made.append(TierService(store, FP, C, pool, loads_in_flight=3))
         return made[-1]
 
@@ -130,13 +130,56 @@ def test_offer_skips_what_is_stored_and_reports_progress(service_pair):
     assert service.drain_written() == ["c"] and service.stats()["packed_chunks"] == 3
 
 
-def test_model_identity_follows_weights_not_paths(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b):
-        d.mkdir()
-        (d / "config.json").write_text('{"hidden_size": 8}')
-        (d / "model.safetensors").write_bytes(b"x" * 100)
-    assert model_identity(str(a)).split("@")[1] == model_identity(str(b)).split("@")[1]
-    (b / "model.safetensors").write_bytes(b"x" * 101)  # other weights
-    assert model_identity(str(a)).split("@")[1] != model_identity(str(b)).split("@")[1]
-    assert model_identity(str(a), "dummy") != model_identity(str(a))
+def test_namespaces_are_unambiguous():
+    # With a separator join, ("a\x1fb", None) and ("a", "b\x1f") gave one namespace.
+    pairs = [("a\x1fb", None), ("a", "b\x1f"), ("a\x1f", "b"), ("a", "\x1fb"), ("", None),
+             (None, ""), ("", ""), ("1:a", None), ("a", None), (None, "a"), ("ab", "c"),
+             ("a", "bc"), ("-", None), (None, None)]
+    names = [namespace_of(extra, salt) for extra, salt in pairs]
+    assert len(set(names)) == len(pairs), dict(zip(names, pairs))
+
+
+def test_cancelled_copies_never_read_freed_slots(service_pair, monkeypatch):
+    """A cache reset frees pinned slots; a copy still queued must not read them after."""
+    from sgl_kvtier.tier import faults
+
+    pool = make_pool(0)
+    service = service_pair(pool)
+    tokens = torch.randint(0, 50_000, (2 * C,))
+    monkeypatch.setattr(faults, "_FAULTS", {"copy": ("delay", 0.5)})  # hold the window open
+    service.offer("", tokens, torch.arange(2 * C), 0, handle="first")
+    assert service.stats()["copies_pending"] == 1
+    assert service.cancel_copies() == 1  # the engine's reset, before it frees the slots
+    for k, v in zip(pool.k, pool.v):  # another request's KV lands in the freed slots
+        k[:2 * C], v[:2 * C] = 7.0, 7.0
+    deadline = time.monotonic() + 10
+    while "first" not in service.drain_written():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert service.store.flush(10)
+    s = service.stats()
+    assert (s["copies_cancelled"], s["packed_chunks"], s["chunks_written"]) == (1, 0, 0)
+    assert service.find("", tokens, 0) is None
+    # Without a reset the same delayed copy is written, so the delay alone prevents nothing.
+    service.offer("", tokens, torch.arange(2 * C), 0, handle="second")
+    while "second" not in service.drain_written():
+        time.sleep(0.01)
+    assert service.store.flush(10) and service.find("", tokens, 0).length == 2 * C
+
+
+def test_a_copy_thread_bug_is_reported_once_and_the_handle_comes_back(service_pair,
+                                                                       monkeypatch):
+    from sgl_kvtier.tier import faults
+
+    service = service_pair(make_pool(0))
+    monkeypatch.setattr(faults, "_FAULTS", {"copy": ("raise", 0.0)})
+    for handle in ("a", "b"):
+        service.offer("", torch.randint(0, 50_000, (C,)), torch.arange(C), 0, handle)
+    deadline = time.monotonic() + 10
+    done = []
+    while len(done) < 2:
+        assert time.monotonic() < deadline
+        done += service.drain_written()
+        time.sleep(0.01)
+    assert sorted(done) == ["a", "b"]
+    assert isinstance(service.broken(), faults.InjectedFault)

@@ -22,7 +22,8 @@ def test_busy_clock_counts_overlapping_work_once():
 def _stats(**activity):
     base = {"hits": 0, "misses": 0, "bytes_read": 0, "bytes_written": 0, "write_drops": 0,
             "write_errors": 0, "admission_refusals": 0, "checksum_failures": 0,
-            "corrupt_files": 0, "used_bytes": 0, "capacity_bytes": 1, "read_bandwidth": 0.0}
+            "corrupt_files": 0, "untrusted_files": 0, "used_bytes": 0, "capacity_bytes": 1,
+            "read_bandwidth": 0.0}
     return lambda: {**base, **activity}
 
 
