@@ -16,12 +16,18 @@ from __future__ import annotations
 import logging
 
 from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
-from sglang.srt.layers.attention.attention_registry import (ATTENTION_BACKENDS,
-                                                            register_attention_backend)
+from sglang.srt.layers.attention.attention_registry import (
+    ATTENTION_BACKENDS,
+    register_attention_backend,
+)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-from sgl_kvtier.attention.dense import (contiguous_runs, decode_attention, decode_attention_runs,
-                                        extend_attention)
+from sgl_kvtier.attention.dense import (
+    contiguous_runs,
+    decode_attention,
+    decode_attention_runs,
+    extend_attention,
+)
 
 log = logging.getLogger("sgl_kvtier")
 NAME = "kvtier"
@@ -34,8 +40,9 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
 
     def __init__(self, model_runner):
         super().__init__(model_runner)
-        # Per (request, layer) decode: attended in place or gathered (fragmented slots).
-        self.stats = {"decode_in_place": 0, "decode_gathered": 0}
+        # Per (request, layer) decode: attended in place (of which over several slot runs,
+        # merging their states) or gathered (too fragmented, or a KV dtype cast needed).
+        self.stats = {"decode_in_place": 0, "decode_multi_run": 0, "decode_gathered": 0}
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -85,6 +92,7 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
                 output[i:i + 1] = decode_attention_runs(query[i:i + 1], k_cache, v_cache,
                                                         runs[i], scaling)
                 self.stats["decode_in_place"] += 1
+                self.stats["decode_multi_run"] += len(runs[i]) > 1
                 continue
             self.stats["decode_gathered"] += 1
             k, v = self._gather(k_cache, v_cache, req_to_token[row, :total], query.dtype)

@@ -52,6 +52,7 @@ def _from_cli_args(server_args, cls, args: argparse.Namespace):
         return server_args
     try:
         config = load_config(args.kvtier_config)
+        _check_against_server_args(config, args)
     except ConfigError as e:
         print(e, file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -67,6 +68,15 @@ def _from_cli_args(server_args, cls, args: argparse.Namespace):
     _state.mark_enabled()
     log.info("%s", banner(config, server_args))
     return server_args
+
+
+def _check_against_server_args(config: KVTierConfig, args: argparse.Namespace) -> None:
+    """Mistakes only visible next to SGLang's own arguments, before the model loads."""
+    page = getattr(args, "page_size", None)
+    if config.tier.enabled and page and config.tier.chunk_tokens % page:
+        raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
+                          f"tier.chunk_tokens: must be a multiple of --page-size {page}; "
+                          f"got {config.tier.chunk_tokens}")
 
 
 def _select_attention_backend(server_args, args: argparse.Namespace) -> None:

@@ -53,10 +53,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
                       f"mla{int(c.is_mla_model)}|page_first{int(c.is_page_first_layout)}")
         root = Path(config.path).expanduser() / (
             f"hicache-tp{c.tp_rank}-of-{c.tp_size}-pp{c.pp_rank}")
-        self.store = ChunkStore(StoreConfig(
-            root=root, capacity_bytes=config.capacity, admission=config.admission,
-            read_bandwidth_limit=config.read_bandwidth_limit, read_threads=config.io_threads,
-            direct_io=config.direct_io))
+        self.store = ChunkStore(StoreConfig.from_tier(config, root))
         self.layout: ChunkLayout | None = None
         self._staging: list[torch.Tensor] = []
         log.info("sgl_kvtier: HiCache L3 at %s (%d pages found)", root,

@@ -13,17 +13,17 @@ import os
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sgl_kvtier.config import KVTierConfig
+from sgl_kvtier.patches._state import config_of, config_path_of
 
 
 def _get_internal_state(result, scheduler, *args, **kwargs):
-    received = getattr(scheduler.server_args, "_kvtier", None)
-    if received is None:
+    config = config_of(scheduler.server_args)
+    if config is None:
         return result
     runner = scheduler.tp_worker.model_runner
     result.internal_state["kvtier"] = {
-        "config": KVTierConfig.model_validate(received["config"]).model_dump(),
-        "config_path": received["config_path"],
+        "config": config.model_dump(),
+        "config_path": config_path_of(scheduler.server_args),
         "scheduler_pid": os.getpid(),
         "attention_backend": type(runner.attn_backend).__name__,
         "attention_stats": dict(getattr(runner.attn_backend, "stats", {})),

@@ -14,26 +14,34 @@ TierService`:
   hit a miss (SGLang requires all promised tokens or none): the prompt is recomputed.
 - ``checkpoint``: write-through. Whole chunks of what the tree now holds are offered to the
   tier; the node stays pinned until a background thread has copied them out of the pool.
+- ``reset`` (``/flush_cache``): cancels every pending copy before SGLang frees the slots,
+  so no chunk is ever written from slots that hold another request's KV.
+
+Tensor parallelism: every rank has its own tier and its own copy of the scheduler, and
+SGLang needs their decisions identical. Each rank reaches the same collective at every
+lookup and every load, whatever happened locally (an error, a missing chunk), and the
+collective carries whether each rank is still healthy: the tier is switched off on all
+ranks together, and a hit is the shortest hit among them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import (EvictParams, InsertParams,
-                                                    MatchPrefixParams, MatchResult)
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    InsertParams,
+    MatchPrefixParams,
+    MatchResult,
+)
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
-from sglang.srt.mem_cache.registry import (get_radix_cache_factory,
-                                           register_radix_cache_backend)
+from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
-from sgl_kvtier.config import TierConfig
-from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, TierLocked
-from sgl_kvtier.tier.identity import model_identity
-from sgl_kvtier.tier.kv_transfer import KVPool
+from sgl_kvtier.patches._state import config_of
+from sgl_kvtier.patches.tier_open import open_tier
+from sgl_kvtier.tier import faults
 from sgl_kvtier.tier.service import DiskHit, TierService, namespace_of
 
 log = logging.getLogger("sgl_kvtier")
@@ -56,59 +64,76 @@ class KVTierRadixCache(RadixCache):
 
     def __init__(self, params, tier: TierService | None, tp_group=None):
         self.tier, self._tp_group = tier, tp_group
-        self._active = tier is not None  # False after an unexpected error: serve without it
+        self._active = tier is not None  # agreed by all ranks: the tier is in use
+        self._healthy = tier is not None  # this rank's own view, shared at the next agree
         self._markers: dict[str, _Marker] = {}
         self._offered: dict[str, int] = {}  # rid -> chunks already offered
         self._generation = 0  # bumped by reset(): pins from an older tree are dropped
         self._metrics = None
+        self.device_evicted_tokens = 0
         super().__init__(params)
+        # Whether every rank opened its tier is itself agreed: one rank without a tier
+        # must not leave the others waiting in a collective it never reaches.
+        _, everywhere = self._agree(0)
+        if not everywhere and tier is not None:
+            log.error("sgl_kvtier: another tensor-parallel rank could not open its NVMe tier; "
+                      "serving without the tier")
+
+    def _enabled_for(self, req) -> bool:
+        # The same on every rank: nothing here depends on this rank's own tier state.
+        return req is not None and self._active and not self.disable and not self.is_eagle
 
     # -------------------------------------------------------------------- lookups
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         result = super().match_prefix(params)
-        req = params.req
-        if req is None or not self._active or self.disable or self.is_eagle:
+        if not self._enabled_for(params.req):
             return result
-        try:
-            return self._extend_match(params.key, req, result)
-        except Exception:
-            self._fail("looking up a prompt")
+        hit = None
+        if self._healthy:
+            try:
+                hit = self._find(params.key, result)
+            except Exception:
+                self._fail("looking up a prompt")
+        length, healthy = self._agree(hit.length if hit else 0)
+        hit = hit.cut(length) if hit is not None and healthy else None
+        if hit is None:
+            self._markers.pop(params.req.rid, None)
             return result
-
-    def _extend_match(self, key: RadixKey, req, result: MatchResult) -> MatchResult:
-        limit = len(key.page_aligned(self.page_size))
-        # All the request's tokens key the chunks; the limit says how many may be reused.
-        hit = self.tier.find(namespace_of(key.extra_key, key.cache_salt), key.token_ids,
-                             result.device_prefix_len, limit)
-        length = self._agree(hit.length if hit else 0)
-        if hit is None or length < hit.length:
-            self._markers.pop(req.rid, None)
-            return result
-        self._markers[req.rid] = _Marker(hit, RadixKey(key.token_ids[:hit.end], key.extra_key,
-                                                       cache_salt=key.cache_salt))
+        key = params.key
+        self._markers[params.req.rid] = _Marker(
+            hit, RadixKey(key.token_ids[:hit.end], key.extra_key, cache_salt=key.cache_salt))
         return result._replace(host_hit_length=hit.length)
 
+    def _find(self, key: RadixKey, result: MatchResult) -> DiskHit | None:
+        limit = len(key.page_aligned(self.page_size))
+        # All the request's tokens key the chunks; the limit says how many may be reused.
+        return self.tier.find(namespace_of(key.extra_key, key.cache_salt), key.token_ids,
+                              result.device_prefix_len, limit)
+
     def init_load_back(self, params):
-        node = params.best_match_node
-        marker = self._markers.pop(params.req.rid, None) if params.req is not None else None
-        if marker is None or marker.hit.length != params.host_hit_length or not self._active:
+        node, req = params.best_match_node, params.req
+        marker = self._markers.pop(req.rid, None) if req is not None else None
+        if not self._enabled_for(req):
             return 0, node
-        slots = None
-        try:
-            slots = self._alloc(marker.hit, params.req)
-            loaded = slots is not None and self.tier.load(marker.hit, slots)
-            if self._agree(int(loaded)):
-                return marker.hit.length, self._insert_loaded(node, marker, slots)
-        except Exception:
-            self._fail("loading a prompt's chunks")
+        slots, loaded = None, False
+        if self._healthy and marker is not None and marker.hit.length == params.host_hit_length:
+            try:
+                slots = self._alloc(marker.hit, req)
+                loaded = slots is not None and self.tier.load(marker.hit, slots)
+            except Exception:
+                self._fail("loading a prompt's chunks")
+                loaded = False
+        everywhere, healthy = self._agree(int(loaded))
+        if everywhere and healthy:
+            return marker.hit.length, self._insert_loaded(node, marker, slots)
         if slots is not None:
             self.token_to_kv_pool_allocator.free(slots)
         return 0, node
 
     def _alloc(self, hit: DiskHit, req) -> torch.Tensor | None:
         allocator = self.token_to_kv_pool_allocator
-        extend = max(len(req.full_untruncated_fill_ids) - hit.end, 0) if req is not None else 0
+        extend = max(len(req.full_untruncated_fill_ids) - hit.end, 0)
         need = hit.length + extend + _HEADROOM_TOKENS
         if allocator.available_size() + self.evictable_size() < need:
             return None  # recompute: loading would leave the admitted extend no room
@@ -128,7 +153,7 @@ class KVTierRadixCache(RadixCache):
 
     def checkpoint(self, req, *, up_to: int):
         super().checkpoint(req, up_to=up_to)
-        if not self._active or self.disable or self.is_eagle:
+        if not (self._active and self._healthy) or self.disable or self.is_eagle:
             return
         owned = req.kv.cache_protected_len  # what the tree now holds for this request
         done = self._offered.get(req.rid, 0)
@@ -151,20 +176,31 @@ class KVTierRadixCache(RadixCache):
         super().flush_pending_backups()
         if self.tier is None:
             return
-        for generation, node in self.tier.drain_written():
-            if generation == self._generation:
-                self.dec_lock_ref(node)
-        if self._metrics is not None:
-            self._metrics.update(self.tier.stats())
-        self.tier.store.maybe_log_summary()
+        try:
+            faults.hit("flush")
+            for generation, node in self.tier.drain_written():
+                if generation == self._generation:
+                    self.dec_lock_ref(node)
+            if self._healthy and (error := self.tier.broken()) is not None:
+                self._fail(f"working in the background ({error!r})", trace=False)
+            if self._metrics is not None:
+                self._metrics.update(self.tier_state())
+            self.tier.store.maybe_log_summary()
+        except Exception:
+            self._fail("finishing a batch")
 
     def evict(self, params):
         self.flush_pending_backups()  # copied-out nodes become evictable again
-        return super().evict(params)
+        result = super().evict(params)
+        self.device_evicted_tokens += getattr(result, "num_tokens_evicted", 0) or 0
+        return result
 
     # --------------------------------------------------------------- bookkeeping
 
     def reset(self):
+        if getattr(self, "tier", None) is not None:
+            # SGLang frees every slot right after this: no copy may read them afterwards.
+            self.tier.cancel_copies()
         super().reset()
         if hasattr(self, "_markers"):  # RadixCache.__init__ calls reset() before ours ran
             self._generation += 1
@@ -185,71 +221,40 @@ class KVTierRadixCache(RadixCache):
         """Counters for ``/get_server_info``."""
         if self.tier is None:
             return {}
-        return {**self.tier.stats(), "active": self._active}
+        return {**self.tier.stats(), "active": self._active, "healthy": self._healthy,
+                "device_evicted_tokens": self.device_evicted_tokens}
 
-    def _fail(self, what: str) -> None:
-        """An unexpected error in the tier: log it once and go on without the tier (the
-        prefix cache and the server keep working; copies already queued still finish)."""
-        log.exception("sgl_kvtier: the NVMe tier failed while %s; serving without it from "
-                      "now on", what)
-        self._active = False
+    def _fail(self, what: str, trace: bool = True) -> None:
+        """An unexpected error in the tier: log it once; this rank stops writing now and
+        every rank stops using the tier at the next lookup or load (the prefix cache and
+        the server keep working; copies already queued still finish)."""
+        if self._healthy:
+            log.error("sgl_kvtier: the NVMe tier failed while %s; serving without it from "
+                      "now on", what, exc_info=trace)
+        self._healthy = False
         self._markers.clear()
 
-    def _agree(self, value: int) -> int:
-        """The minimum of ``value`` over tensor-parallel ranks (each has its own tier)."""
+    def _agree(self, value: int) -> tuple[int, bool]:
+        """``(min of value, all healthy)`` over the tensor-parallel ranks, each of which
+        must call this at the same point; an unhealthy rank turns the tier off on all."""
         if self._tp_group is None:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self._tp_group)
-        return int(t.item())
-
-
-def _fingerprint(ctx, pool) -> ModelFingerprint:
-    args = ctx.server_args
-    identity = model_identity(args.model_path, str(getattr(args, "load_format", "auto")),
-                              getattr(args, "revision", None))
-    return ModelFingerprint(model=identity, dtype=str(pool.store_dtype),
-                            num_layers=pool.layer_num, num_kv_heads=pool.head_num,
-                            head_dim=pool.head_dim, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size,
-                            layout=f"layer,kv,token,head,dim;start_layer={pool.start_layer}")
-
-
-def _open_tier(ctx, config: TierConfig) -> TierService:
-    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
-    page = ctx.params.page_size
-    if config.chunk_tokens % page:
-        raise ValueError(f"kvtier: tier.chunk_tokens ({config.chunk_tokens}) must be a "
-                         f"multiple of --page-size ({page})")
-    root = Path(config.path).expanduser() / f"tp{ctx.tp_rank}-of-{ctx.tp_size}"
-    store_config = StoreConfig(root=root, capacity_bytes=config.capacity,
-                               admission=config.admission,
-                               read_bandwidth_limit=config.read_bandwidth_limit,
-                               read_threads=config.io_threads, direct_io=config.direct_io)
-    start = time.perf_counter()
-    try:
-        store = ChunkStore(store_config)
-    except TierLocked:
-        raise RuntimeError(f"kvtier: tier.path {root} is used by another running server; "
-                           f"give each server its own tier.path") from None
-    tier = TierService(store, _fingerprint(ctx, pool), config.chunk_tokens,
-                       KVPool(list(pool.k_buffer), list(pool.v_buffer)))
-    stats = store.stats()
-    log.info("sgl_kvtier: NVMe tier at %s: %d chunks (%.2f GiB of %.2f GiB), opened in %.2f s; "
-             "chunk %d tokens = %.1f MiB; admission %s; O_DIRECT %s%s", root, stats["chunks"],
-             stats["used_bytes"] / 2**30, config.capacity / 2**30, time.perf_counter() - start,
-             config.chunk_tokens, tier.layout.nbytes / 2**20, config.admission,
-             "on" if stats["direct_io"] else "off",
-             f"; reads capped at {config.read_bandwidth_limit / 1e6:.0f} MB/s"
-             if config.read_bandwidth_limit else "")
-    return tier
+            agreed, healthy = value, self._healthy
+        else:
+            t = torch.tensor([value, int(self._healthy)], dtype=torch.int64)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN,
+                                         group=self._tp_group)
+            agreed, healthy = int(t[0]), bool(t[1])
+        if not healthy:
+            self._active = self._healthy = False
+            self._markers.clear()
+        return (agreed, True) if healthy else (0, False)
 
 
 def _factory(ctx):
-    from sgl_kvtier.config import KVTierConfig
-
-    received = getattr(ctx.server_args, "_kvtier", None)
-    config = KVTierConfig.model_validate(received["config"]).tier if received else TierConfig()
-    tier = None if ctx.disable_radix_cache else _open_tier(ctx, config)
+    config = config_of(ctx.server_args)
+    tier = None
+    if config is not None and config.tier.enabled and not ctx.disable_radix_cache:
+        tier = open_tier(ctx, config.tier)
     group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
     cache = KVTierRadixCache(ctx.params, tier, group)
     if tier is not None and ctx.params.enable_metrics:

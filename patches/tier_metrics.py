@@ -24,6 +24,14 @@ _COUNTERS = {
     "admission_refusals": ("kvtier_admission_refusals_total", "Chunks refused by admission"),
     "write_errors": ("kvtier_write_errors_total", "Failed chunk writes"),
     "write_drops": ("kvtier_write_drops_total", "Chunk writes dropped (queue full, read-only)"),
+    "untrusted_files": ("kvtier_untrusted_files_total",
+                        "Symlinks, FIFOs, devices and other users' files skipped"),
+    "discovered": ("kvtier_discovered_chunks_total",
+                   "Chunks found on disk that another server sharing the tier wrote"),
+    "copies_cancelled": ("kvtier_copies_cancelled_total",
+                         "Write-through copies cancelled because their slots were freed"),
+    "device_evicted_tokens": ("kvtier_device_evicted_tokens_total",
+                              "Tokens evicted from the device prefix cache"),
 }
 # stats key -> (metric name, help); point-in-time values.
 _GAUGES = {
@@ -34,6 +42,7 @@ _GAUGES = {
     "write_bandwidth": ("kvtier_write_bandwidth_bytes_per_second",
                         "Written bytes per busy second"),
     "writes_enabled": ("kvtier_writes_enabled", "1 while the tier accepts writes"),
+    "active": ("kvtier_active", "1 while the server uses the tier (0 after an error)"),
 }
 
 

@@ -3,8 +3,8 @@
 import os
 
 import pytest
-
 from serverlib import SERVER_BASE
+
 from sgl_kvtier import __version__
 from sgl_kvtier.config import load_config
 from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
@@ -81,7 +81,7 @@ def test_decode_attends_to_the_pool_in_place(kvtier):
 
 def test_one_start_line_lists_features(kvtier):
     log = kvtier.log_path.read_text()
-    lines = [l for l in log.splitlines() if f"sgl_kvtier {__version__} on SGLang" in l]
+    lines = [line for line in log.splitlines() if f"sgl_kvtier {__version__} on SGLang" in line]
     assert len(lines) == 1
     assert "enabled; attention backend kvtier; features: none" in lines[0]
 

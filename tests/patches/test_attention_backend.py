@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS  # noqa: E402
+from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
-from sgl_kvtier.patches import attention_backend  # noqa: E402
+from sgl_kvtier.patches import attention_backend
 
 
 def test_install_is_idempotent_and_registers_the_name():
@@ -24,7 +24,8 @@ def test_gpu_runner_gets_sglangs_flashinfer_backend(monkeypatch):
     # No GPU here: the runner and FlashInfer's factory are stand-ins; what is checked is
     # that the kvtier factory hands a CUDA runner to the registered "flashinfer" factory.
     seen = []
-    monkeypatch.setitem(ATTENTION_BACKENDS, "flashinfer", lambda runner: seen.append(runner) or "fi")
+    monkeypatch.setitem(ATTENTION_BACKENDS, "flashinfer",
+                        lambda runner: seen.append(runner) or "fi")
     runner = types.SimpleNamespace(device="cuda")
     assert attention_backend._create(runner) == "fi" and seen == [runner]
 

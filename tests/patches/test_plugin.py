@@ -44,7 +44,8 @@ def test_bad_config_stops_the_real_launcher_before_the_model_loads(tmp_path):
 
 def test_each_kind_of_bad_input_through_argument_parsing(tmp_path):
     cases = {"unknown": "sparse:\n  budget: 3\n", "type": "prefill:\n  chunk_tokens: many\n",
-             "negative": "tier:\n  read_bandwidth_limit: -1\n", "yaml": "tier: : :\n"}
+             "negative": "tier:\n  read_bandwidth_limit: -1\n", "yaml": "tier: : :\n",
+             "page": "tier:\n  enabled: true\n  chunk_tokens: 100\n"}
     for name, text in cases.items():
         (tmp_path / f"{name}.yaml").write_text(text)
     (tmp_path / "unreadable.yaml").mkdir()  # a directory cannot be read as a file
@@ -53,23 +54,27 @@ def test_each_kind_of_bad_input_through_argument_parsing(tmp_path):
         from sglang.srt.plugins import load_plugins
         from sglang.srt.server_args import prepare_server_args
         load_plugins()
-        for name in ["unknown", "type", "negative", "yaml", "unreadable"]:
+        for name in ["unknown", "type", "negative", "yaml", "unreadable", "page"]:
             err = io.StringIO()
+            extra = ["--page-size", "64"] if name == "page" else []
             with contextlib.redirect_stderr(err):
                 try:
                     prepare_server_args(["--enable-kvtier", "--kvtier-config",
-                                         "{tmp_path}/" + name + ".yaml", "--model-path", "x"])
+                                         "{tmp_path}/" + name + ".yaml", "--model-path", "x",
+                                         *extra])
                     code = 0
                 except SystemExit as e:
                     code = e.code
             print(name, code, err.getvalue().strip().splitlines()[-1], sep="|")
     """)
     lines = dict(line.split("|", 1) for line in out.stdout.strip().splitlines())
-    assert set(lines) == {"unknown", "type", "negative", "yaml", "unreadable"}, out.stderr[-2000:]
+    assert set(lines) == {"unknown", "type", "negative", "yaml", "unreadable", "page"}, \
+        out.stderr[-2000:]
     expected = {"unknown": "sparse.budget: unknown key; expected one of: enabled",
                 "type": "prefill.chunk_tokens: input should be a valid integer",
                 "negative": "tier.read_bandwidth_limit: expected a non-negative size",
-                "yaml": "not valid YAML at line 1", "unreadable": "cannot read the file"}
+                "yaml": "not valid YAML at line 1", "unreadable": "cannot read the file",
+                "page": "tier.chunk_tokens: must be a multiple of --page-size 64; got 100"}
     for name, fragment in expected.items():
         code, line = lines[name].split("|", 1)
         assert code == "2" and f"kvtier config {tmp_path}/{name}.yaml: " in line
