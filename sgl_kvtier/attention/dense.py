@@ -14,8 +14,12 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from sgl_kvtier.attention.merge import merge_attention_states, partial_attention
+
 __all__ = ["extend_attention", "decode_attention", "decode_attention_runs", "contiguous_runs",
            "extend_attention_ref"]
+
+_CAST_CHUNK = 4096  # tokens of a run cast to float32 at a time in multi-run decode
 
 
 def _fold_heads(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -141,16 +145,20 @@ def decode_attention_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         a, b = runs[0]
         out = sdpa(qf, k_cache[a:b].transpose(0, 1), v_cache[a:b].transpose(0, 1), scale=scale)
         return _unfold_heads(out, 1)
-    # Several runs: scores per run on views, one softmax over all of them.
+    # Several runs: a float32 attention state per run, read from views of the pool, merged
+    # in float32 and rounded once. Rounding scores or per-run outputs to bfloat16 instead
+    # made bf16 decode less exact than torch_native's one SDPA over the gathered KV.
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.cat([qf @ k_cache[a:b].permute(1, 2, 0) for a, b in runs], dim=-1)
-    probs = (scores.float() * scale).softmax(-1).to(q.dtype)
-    out, offset = None, 0
-    for a, b in runs:
-        part = probs[..., offset:offset + b - a] @ v_cache[a:b].transpose(0, 1)
-        out = part if out is None else out + part
-        offset += b - a
-    return _unfold_heads(out, 1)
+    states = [partial_attention(qf, k_cache[a:b].transpose(0, 1), v_cache[a:b].transpose(0, 1),
+                                scale)
+              for run in runs for a, b in _chunks(*run)]
+    out, _ = merge_attention_states(*zip(*states))  # [H_kv, G, Dv]
+    return _unfold_heads(out.to(q.dtype), 1)
+
+
+def _chunks(start: int, end: int, size: int = _CAST_CHUNK) -> list[tuple[int, int]]:
+    # Bounds the float32 copy of a long run (a 128k-token run of 8 heads x 128 would be 1 GB).
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
 
 
 def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,

@@ -30,7 +30,7 @@ from sgl_kvtier.eval.spec import AgreementWorkload
 from sgl_kvtier.harness.server import Server
 
 __all__ = ["steps", "run_agreement", "compare", "summarise_agreement", "teacher_metrics",
-           "greedy_metrics"]
+           "topk_kl", "greedy_metrics", "essay_slice"]
 
 _TEXT_STRIDE = 40_009  # tokens between the starts of distinct texts (a prime: no alignment)
 
@@ -46,7 +46,9 @@ def _essay_ids(tokenizer) -> list[int]:
     return tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
 
 
-def _slice(tokenizer, length: int, index: int) -> list[int]:
+def essay_slice(tokenizer, length: int, index: int) -> list[int]:
+    """``length`` token ids of the essays, starting ``index`` strides of 40,009 tokens in
+    (wrapping around)."""
     ids = _essay_ids(tokenizer)
     if length > len(ids):
         raise ValueError(f"the essays have {len(ids)} tokens; asked for {length}")
@@ -60,7 +62,7 @@ def run_agreement(server: Server, server_name: str, tokenizer, work: AgreementWo
     raw_dir.mkdir(exist_ok=True)
     for length in work.lengths:
         for i in range(work.texts):
-            text = _slice(tokenizer, length, i)
+            text = essay_slice(tokenizer, length, i)
             start = int(length * work.cached_prefix)
             if start:
                 server.generate(text[:start], 1)  # now cached: the scoring extends over it
@@ -75,7 +77,7 @@ def run_agreement(server: Server, server_name: str, tokenizer, work: AgreementWo
                    "nll": -float(np.mean(scored.token_logprobs)), "raw": f"raw/{name}"}
     for i in range(work.greedy_prompts):
         # Odd multiples of half the stride: never the start of a teacher-forced text.
-        prompt = _slice(tokenizer, work.greedy_prompt_tokens, 2 * i + 1)
+        prompt = essay_slice(tokenizer, work.greedy_prompt_tokens, 2 * i + 1)
         gen = server.generate(prompt, work.greedy_tokens)
         yield {"workload": "agreement", "kind": "greedy", "prompt": i,
                "prompt_tokens": gen.prompt_tokens, "output_ids": gen.output_ids}
@@ -96,6 +98,28 @@ def teacher_metrics(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) ->
         ``positions``, ``top1_agreement`` (fraction), ``kl_mean`` and ``kl_max`` (nats,
         KL(ref || other) on ref's top-k plus a tail bucket), ``nll_ref``, ``nll_other``.
     """
+    kl = topk_kl(ref, other)
+    return {"positions": int(len(kl)),
+            "top1_agreement": float(np.mean(ref["top_ids"][:, 0] == other["top_ids"][:, 0])),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "nll_ref": -float(ref["token_logprobs"].mean()),
+            "nll_other": -float(other["token_logprobs"].mean())}
+
+
+def topk_kl(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> np.ndarray:
+    """KL(ref || other) in nats at each position, on ref's top-k tokens plus one lumped
+    tail bucket; a token missing from other's top-k gets other's k-th probability.
+
+    Parameters
+    ----------
+    ref, other : dict
+        ``top_ids`` ``(T, k)`` int and ``top_logprobs`` ``(T, k)`` descending.
+
+    Returns
+    -------
+    np.ndarray
+        ``(T,)`` float64, never negative.
+    """
     ids_p, lp_p = ref["top_ids"], ref["top_logprobs"].astype(np.float64)
     ids_q, lp_q = other["top_ids"], other["top_logprobs"].astype(np.float64)
     if ids_p.shape != ids_q.shape:
@@ -110,12 +134,7 @@ def teacher_metrics(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) ->
     tail_q = np.clip(1.0 - q.sum(-1), 1e-12, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl += np.where(tail_p > 0, tail_p * np.log(tail_p / tail_q), 0.0)
-    kl = np.maximum(kl, 0.0)  # rounding can leave tiny negatives when both are equal
-    return {"positions": int(len(kl)),
-            "top1_agreement": float(np.mean(ids_p[:, 0] == ids_q[:, 0])),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "nll_ref": -float(ref["token_logprobs"].mean()),
-            "nll_other": -float(other["token_logprobs"].mean())}
+    return np.maximum(kl, 0.0)  # rounding can leave tiny negatives when both are equal
 
 
 def greedy_metrics(ref_ids: list[int], other_ids: list[int]) -> dict:
@@ -171,7 +190,10 @@ def summarise_agreement(records: list[dict]) -> dict[str, dict]:
         row: dict = {"reference": (teacher or greedy)[0]["reference"]}
         if teacher:
             n = sum(r["positions"] for r in teacher)
-            weighted = lambda key: sum(r[key] * r["positions"] for r in teacher) / n  # noqa: E731
+
+            def weighted(key: str, rows: list[dict] = teacher, n: int = n) -> float:
+                return sum(r[key] * r["positions"] for r in rows) / n
+
             row.update(positions=n, top1_agreement=weighted("top1_agreement"),
                        kl=weighted("kl_mean"), kl_max=max(r["kl_max"] for r in teacher),
                        nll_ref=weighted("nll_ref"), nll_other=weighted("nll_other"))

@@ -9,7 +9,11 @@ Three kinds, told apart by ``metric``:
 - RULER ``score``: a task's (or the task mean's) score at one length, absolute or as the
   drop in points from a baseline server;
 - agreement (``top1_agreement``, ``kl``, ``greedy_match``): a server against the agreement
-  workload's reference server.
+  workload's reference server;
+- decode agreement (``decode_top1_agreement``, ``decode_kl``, ``decode_greedy_match``): a
+  server's greedy decode against the decode_agreement workload's reference, as an absolute
+  bound, or against another server's (``baseline``): ``max_ratio`` of the baseline's value
+  or ``max_drop`` below it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Gate", "LatencyGate", "ScoreGate", "AgreementGate", "check_gates", "gate_name"]
+__all__ = ["Gate", "LatencyGate", "ScoreGate", "AgreementGate", "DecodeGate", "check_gates",
+           "gate_name"]
 
 
 class _Strict(BaseModel):
@@ -82,7 +87,29 @@ class AgreementGate(_Strict):
         return self
 
 
-Gate = Annotated[LatencyGate | ScoreGate | AgreementGate, Field(discriminator="metric")]
+class DecodeGate(_Strict):
+    metric: Literal["decode_top1_agreement", "decode_kl", "decode_greedy_match"]
+    server: str
+    baseline: str | None = Field(None, description="another server scored the same way")
+    min_value: float | None = None
+    max_value: float | None = None
+    max_ratio: float | None = Field(None, gt=0, description="server / baseline")
+    max_drop: float | None = Field(None, ge=0, description="baseline - server")
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        bounds = [self.min_value, self.max_value, self.max_ratio, self.max_drop]
+        if sum(b is not None for b in bounds) != 1:
+            raise ValueError("give exactly one of min_value, max_value, max_ratio, max_drop")
+        relative = self.max_ratio is not None or self.max_drop is not None
+        if relative != (self.baseline is not None):
+            raise ValueError("max_ratio and max_drop need a baseline server; "
+                             "min_value and max_value must have none")
+        return self
+
+
+Gate = Annotated[LatencyGate | ScoreGate | AgreementGate | DecodeGate,
+                 Field(discriminator="metric")]
 
 
 def gate_name(gate) -> str:
@@ -93,10 +120,13 @@ def gate_name(gate) -> str:
         return f"{gate.metric} {gate.phase} @{gate.prompt_tokens}: {gate.server}{base}"
     if isinstance(gate, ScoreGate):
         return f"score {gate.task} @{gate.length}: {gate.server}{base}"
-    return f"{gate.metric}: {gate.server} vs reference"
+    if isinstance(gate, DecodeGate) and gate.max_drop is not None:
+        return f"{gate.metric}: {gate.baseline} - {gate.server}"
+    return f"{gate.metric}: {gate.server}{base}" + ("" if base else " vs reference")
 
 
-def _measure(gate, latency: dict, scores: dict, agreement: dict) -> float | None:
+def _measure(gate, latency: dict, scores: dict, agreement: dict,
+             decode: dict) -> float | None:
     if isinstance(gate, LatencyGate):
         row = latency.get((gate.server, gate.phase, gate.prompt_tokens))
         if gate.baseline is None:
@@ -110,8 +140,25 @@ def _measure(gate, latency: dict, scores: dict, agreement: dict) -> float | None
             return None if row is None else row["score"]
         base = scores.get((gate.baseline, gate.task, gate.length))
         return None if row is None or base is None else base["score"] - row["score"]
+    if isinstance(gate, DecodeGate):
+        return _measure_decode(gate, decode)
     row = agreement.get(gate.server)
     return None if row is None or row.get(gate.metric) is None else row[gate.metric]
+
+
+def _measure_decode(gate: DecodeGate, decode: dict) -> float | None:
+    key = gate.metric.removeprefix("decode_")
+    value = (decode.get(gate.server) or {}).get(key)
+    if gate.baseline is None or value is None:
+        return value
+    base = (decode.get(gate.baseline) or {}).get(key)
+    if base is None:
+        return None
+    if gate.max_drop is not None:
+        return base - value
+    if base == 0:  # the baseline equals the reference exactly: only 0 is as good
+        return 1.0 if value == 0 else float("inf")
+    return value / base
 
 
 def _bound(gate) -> tuple[str, float]:
@@ -124,16 +171,16 @@ def _bound(gate) -> tuple[str, float]:
 
 
 def check_gates(gates: list, latency: dict, scores: dict | None = None,
-                agreement: dict | None = None) -> list[dict]:
+                agreement: dict | None = None, decode: dict | None = None) -> list[dict]:
     """One verdict per gate: ``{"gate", "value", "passed", "why"}``.
 
     ``latency`` maps (server, phase, length) to medians (:func:`report.summarise`),
-    ``scores`` (server, task, length) to mean scores, ``agreement`` a server to its
-    agreement with the reference server.
+    ``scores`` (server, task, length) to mean scores, ``agreement`` and ``decode`` a
+    server to its agreement with the respective workload's reference server.
     """
     verdicts = []
     for gate in gates:
-        value = _measure(gate, latency, scores or {}, agreement or {})
+        value = _measure(gate, latency, scores or {}, agreement or {}, decode or {})
         if value is None:
             verdicts.append({"gate": gate, "value": None, "passed": False,
                              "why": "not measured in this run"})

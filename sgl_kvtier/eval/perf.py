@@ -69,16 +69,23 @@ def report(bench_json: Path, baselines: Path = DEFAULT_BASELINES,
     baseline, source = load_baseline(baselines)
     lines = ["| benchmark | in-process ratio | fastest round (ms) | vs baseline |",
              "|---|---|---:|---:|"]
-    failures = []
+    failures, skipped = [], []
     for bench in benches:
         ratio, ok_ratio, why_ratio = _ratio_cell(bench.get("extra_info", {}))
         trip, ok_trip, why_trip = _tripwire_cell(bench, baseline.get(bench["fullname"]),
                                                  tripwire)
         failures += [w for w in (why_ratio, why_trip) if w]
+        if bench["fullname"] not in baseline:
+            skipped.append(bench["name"])
         mark = "" if ok_ratio and ok_trip else " **FAIL**"
         lines.append(f"| {bench['name']}{mark} | {ratio} | {bench['stats']['min'] * 1e3:.2f} "
                      f"| {trip} |")
     where = (f"baseline {source}" if source else
              f"no baseline for machine id {machine_id()} under {baselines}: tripwire skipped")
     lines += ["", f"{len(benches)} benchmarks; {where}; tripwire {tripwire}x on the fastest round."]
+    if skipped and source:
+        lines.append(f"baseline comparison SKIPPED for {len(skipped)} benchmark(s) absent from "
+                     f"{source.name} (save a new baseline to cover them): {', '.join(skipped)}")
+    elif skipped:
+        lines.append(f"baseline comparison SKIPPED for all {len(skipped)} benchmarks")
     return "\n".join(lines), failures

@@ -2,7 +2,8 @@
 
 A run folder holds ``spec.yaml`` (the run file as given), ``records.jsonl`` (one line per
 measurement, each tagged with the run's provenance), ``events.jsonl`` (server starts and
-stops), ``logs/`` (server logs), the report files, and ``COMPLETE`` only once everything finished: a folder without it is partial.
+stops), ``logs/`` (server logs), the report files, and ``COMPLETE`` only once everything
+finished: a folder without it is partial.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _hardware() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpus = os.environ.get("KVTIER_GPU_NAME")  # set by GPU benchmarks that know their device

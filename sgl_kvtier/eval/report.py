@@ -1,6 +1,6 @@
 """Summaries of a run: medians per (server, phase, length), RULER scores, a Markdown report
-(with the agreement table and gate verdicts) and plots of time to first token against
-prompt length and of score against context length."""
+(with the agreement and decode agreement tables and gate verdicts) and plots of time to
+first token against prompt length and of score against context length."""
 
 from __future__ import annotations
 
@@ -23,11 +23,15 @@ def summarise(records: list[dict]) -> dict[Key, dict]:
             groups[(r["server"], r["phase"], r["target_tokens"])].append(r)
     out = {}
     for key, rows in sorted(groups.items()):
-        med = lambda name: statistics.median(r[name] for r in rows if r[name] is not None)  # noqa: E731
-        out[key] = {"n": len(rows), "ttft_s": med("ttft_s"),
-                    "decode_s_per_token": med("decode_s_per_token"),
-                    "cached_tokens": med("cached_tokens"), "prompt_tokens": rows[0]["prompt_tokens"]}
+        out[key] = {"n": len(rows), "ttft_s": _median(rows, "ttft_s"),
+                    "decode_s_per_token": _median(rows, "decode_s_per_token"),
+                    "cached_tokens": _median(rows, "cached_tokens"),
+                    "prompt_tokens": rows[0]["prompt_tokens"]}
     return out
+
+
+def _median(rows: list[dict], name: str) -> float:
+    return statistics.median(r[name] for r in rows if r[name] is not None)
 
 
 def summarise_scores(records: list[dict]) -> dict[tuple[str, str, int], dict]:
@@ -72,11 +76,48 @@ def _agreement_table(agreed: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _decode_table(decoded: dict[str, dict]) -> list[str]:
+    lines = ["| server | reference | prompts x steps | top-1 agreement | disagreeing steps | "
+             "KL mean (nats) | KL max | first disagreement (step, per prompt) | "
+             "greedy identical | decodes in place (multi-run) / gathered |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for server, row in decoded.items():
+        first = ", ".join("—" if f is None else str(f) for f in row["first_disagreement"])
+        greedy = ("—" if row["greedy_match"] is None
+                  else f"{row['greedy_match'] * row['prompts']:.0f}/{row['prompts']}")
+        stats = row["attention_stats"]
+        attention = ("— (not kvtier)" if stats is None else
+                     f"{stats['decode_in_place']} ({stats.get('decode_multi_run', '?')}) / "
+                     f"{stats['decode_gathered']}")
+        lines.append(f"| {server} | {row['reference']} | {row['prompts']} x "
+                     f"{row['steps'] // row['prompts']} | {row['top1_agreement']:.4f} | "
+                     f"{row['disagreements']} | {row['kl']:.3g} | {row['kl_max']:.3g} | "
+                     f"{first} | {greedy} | {attention} |")
+    return lines
+
+
+def _decode_step_table(decoded: dict[str, dict], width: int = 8) -> list[str]:
+    servers = list(decoded)
+    steps = len(next(iter(decoded.values()))["kl_by_step"])
+    lines = ["| steps | " + " | ".join(f"{s} top-1 | {s} KL" for s in servers) + " |",
+             "|---|" + "---:|---:|" * len(servers)]
+    for a in range(0, steps, width):
+        b = min(a + width, steps)
+        cells = []
+        for s in servers:
+            agree, kl = decoded[s]["agree_by_step"][a:b], decoded[s]["kl_by_step"][a:b]
+            cells.append(f"{sum(agree) / len(agree):.3f} | {sum(kl) / len(kl):.3g}")
+        lines.append(f"| {a + 1}-{b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: dict,
-             complete: bool, scores: dict | None = None, agreed: dict | None = None) -> str:
+             complete: bool, scores: dict | None = None, agreed: dict | None = None,
+             decoded: dict | None = None) -> str:
     lines = [f"# {title}", ""]
     if not complete:
-        lines += ["**INCOMPLETE: the run was interrupted or failed; these numbers are partial.**", ""]
+        lines += ["**INCOMPLETE: the run was interrupted or failed; these numbers are partial.**",
+                  ""]
     lines += [f"git {tags['git_commit']} · SGLang {tags['sglang_version']} · "
               f"{tags['hardware']} · run file {tags['config_hash']}", ""]
     if summary:
@@ -91,6 +132,11 @@ def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: d
     if agreed:
         lines += ["", "Agreement with the reference server (teacher-forced next-token "
                   "distributions; greedy continuations):", "", *_agreement_table(agreed)]
+    if decoded:
+        lines += ["", "Greedy decode against the reference teacher-forced on the same tokens "
+                  "(top-1 agreement: the server's token is the reference's argmax; KL(ref || "
+                  "server) on the reference's top-k plus a tail):", "", *_decode_table(decoded),
+                  "", "By step (mean over prompts):", "", *_decode_step_table(decoded)]
     if verdicts:
         lines += ["", "| gate | measured | bound | result |", "|---|---:|---|---|"]
         for v in verdicts:
@@ -111,7 +157,6 @@ def plot_ttft(summary: dict[Key, dict], path: Path, title: str) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FormatStrFormatter
 
     # One colour per server configuration, one line style per phase.

@@ -17,12 +17,12 @@ import yaml
 from tqdm import tqdm
 
 from sgl_kvtier.cuda_shim import cpu_engine_env
-from sgl_kvtier.eval import accuracy, agreement, latency, report
+from sgl_kvtier.eval import accuracy, agreement, decode_agreement, latency, report
 from sgl_kvtier.eval.gates import check_gates
 from sgl_kvtier.eval.records import RunFolder
 from sgl_kvtier.eval.spec import RunSpec, ServerSpec
-from sgl_kvtier.harness.resolve import resolve_model
 from sgl_kvtier.harness.prompts import load_tokenizer
+from sgl_kvtier.harness.resolve import resolve_model
 from sgl_kvtier.harness.server import Server, ServerError
 
 __all__ = ["RunResult", "run"]
@@ -37,7 +37,8 @@ class RunResult:
         return self.complete and all(v["passed"] for v in self.verdicts)
 
 
-def _server_args(spec: RunSpec, server: ServerSpec, model_dir: Path, folder: RunFolder) -> list[str]:
+def _server_args(spec: RunSpec, server: ServerSpec, model_dir: Path,
+                 folder: RunFolder) -> list[str]:
     args = [*spec.server_defaults, *server.args, "--model-path", str(model_dir)]
     if server.kvtier is not None:
         path = folder.path / f"kvtier-{server.name}.yaml"
@@ -111,6 +112,10 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
                 bodies = latency.run_latency(current[0], restart, tokenizer, work)
             elif work.kind == "ruler":
                 bodies = accuracy.run_ruler(current[0], tokenizer, work, spec.seed)
+            elif work.kind == "decode_agreement":
+                bodies = decode_agreement.run_decode_agreement(
+                    current[0], server_spec.name, tokenizer, work, folder.path / "raw",
+                    folder.records)
             else:
                 bodies = agreement.run_agreement(current[0], server_spec.name, tokenizer, work,
                                                  folder.path / "raw")
@@ -126,16 +131,17 @@ def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
     model_dir = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_dir)
     folder = RunFolder(out_root, spec.name, spec_text, spec.digest())
-    workloads = {"latency": latency, "ruler": accuracy, "agreement": agreement}
+    workloads = {"latency": latency, "ruler": accuracy, "agreement": agreement,
+                 "decode_agreement": decode_agreement}
     total = len(spec.servers) * sum(workloads[w.kind].steps(w) for w in spec.workloads)
     complete = False
     try:
         with tqdm(total=total, desc=spec.name, unit="meas", file=sys.stderr) as bar:
-            for server_spec in spec.servers:
+            for server_spec in _server_order(spec):
                 _run_server(spec, server_spec, model_dir, tokenizer, folder, bar)
         for work in spec.workloads:
-            if work.kind == "agreement":
-                for body in agreement.compare(folder.records, folder.path, work):
+            if work.kind in ("agreement", "decode_agreement"):
+                for body in workloads[work.kind].compare(folder.records, folder.path, work):
                     folder.add(**body)
         complete = True
     finally:
@@ -144,14 +150,23 @@ def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
     return RunResult(folder, verdicts, complete)
 
 
+def _server_order(spec: RunSpec) -> list[ServerSpec]:
+    """The run file's order, except that a decode_agreement reference goes last: it is
+    teacher-forced on what the other servers generated."""
+    refs = {w.reference for w in spec.workloads if w.kind == "decode_agreement"}
+    return ([s for s in spec.servers if s.name not in refs]
+            + [s for s in spec.servers if s.name in refs])
+
+
 def _report(spec: RunSpec, folder: RunFolder, complete: bool) -> list[dict]:
     """Summary tables, gate verdicts (complete runs only) and plots; returns the verdicts."""
     summary = report.summarise(folder.records)
     scores = report.summarise_scores(folder.records)
     agreed = agreement.summarise_agreement(folder.records)
-    verdicts = check_gates(spec.gates, summary, scores, agreed) if complete else []
+    decoded = decode_agreement.summarise_decode(folder.records)
+    verdicts = check_gates(spec.gates, summary, scores, agreed, decoded) if complete else []
     folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
-                                               complete, scores, agreed))
+                                               complete, scores, agreed, decoded))
     report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")
     report.plot_scores(scores, folder.path / "score.png", f"{spec.name}: RULER score")
     return verdicts

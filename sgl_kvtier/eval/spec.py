@@ -29,10 +29,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sgl_kvtier.config import ConfigError, config_from_dict
-from sgl_kvtier.eval.gates import AgreementGate, Gate, ScoreGate
+from sgl_kvtier.eval.gates import AgreementGate, DecodeGate, Gate, ScoreGate
 
 __all__ = ["RunSpec", "ServerSpec", "LatencyWorkload", "RulerWorkload", "AgreementWorkload",
-           "load_spec"]
+           "DecodeAgreementWorkload", "load_spec"]
 
 
 class _Strict(BaseModel):
@@ -116,8 +116,42 @@ class AgreementWorkload(_Strict):
     greedy_tokens: int = Field(32, gt=0)
 
 
-Workload = Annotated[LatencyWorkload | RulerWorkload | AgreementWorkload,
-                     Field(discriminator="kind")]
+class DecodeAgreementWorkload(_Strict):
+    """How far does each server's greedy decode stray from ``reference``'s distributions?
+    Every other server generates ``decode_tokens`` greedily after essay prompts, with its
+    top-k log-probabilities per step; ``reference`` is then teacher-forced on those tokens
+    and each step is scored (top-1 agreement, KL). See :mod:`sgl_kvtier.eval.decode_agreement`."""
+
+    kind: Literal["decode_agreement"]
+    reference: str = Field(description="server the others are compared with (runs last)")
+    prompt_tokens: list[int] = Field(min_length=1, description="prompt lengths")
+    prompts: int | list[int] = Field(5, description="prompts per length: one count, or one "
+                                                    "per entry of prompt_tokens")
+    decode_tokens: int = Field(64, ge=24, le=1024, description=(
+        "greedy steps per prompt; at least 24, since divergence builds up over steps"))
+    top_k: int = Field(20, gt=0, le=100, description="logprobs kept per step for KL")
+    slot_runs: int = Field(3, ge=1, le=8, description=(
+        "runs of KV pool slots each prompt is stored in: its first parts are sent as "
+        "prompts of their own, each followed by an unrelated one, so prefix caching leaves "
+        "gaps (1: no fragmenting; 8: the most kvtier attends in place)"))
+
+    @model_validator(mode="after")
+    def _counts(self):
+        counts = self.prompt_counts()
+        if len(counts) != len(self.prompt_tokens) or min(counts) < 1:
+            raise ValueError("prompts: give one positive count, or one per prompt_tokens entry")
+        if min(self.prompt_tokens) < 2 * self.slot_runs:
+            raise ValueError("every prompt length must be at least 2 * slot_runs")
+        return self
+
+    def prompt_counts(self) -> list[int]:
+        if isinstance(self.prompts, int):
+            return [self.prompts] * len(self.prompt_tokens)
+        return list(self.prompts)
+
+
+Workload = Annotated[LatencyWorkload | RulerWorkload | AgreementWorkload |
+                     DecodeAgreementWorkload, Field(discriminator="kind")]
 
 
 class RunSpec(_Strict):
@@ -138,8 +172,8 @@ class RunSpec(_Strict):
         refs = [(f"gate {i}", g.server) for i, g in enumerate(self.gates)]
         refs += [(f"gate {i}", g.baseline) for i, g in enumerate(self.gates)
                  if getattr(g, "baseline", None) is not None]
-        refs += [("agreement reference", w.reference) for w in self.workloads
-                 if w.kind == "agreement"]
+        refs += [(f"{w.kind} reference", w.reference) for w in self.workloads
+                 if w.kind in ("agreement", "decode_agreement")]
         for what, ref in refs:
             if ref not in names:
                 raise ValueError(f"{what} names server {ref!r}; servers are {names}")
@@ -148,11 +182,20 @@ class RunSpec(_Strict):
 
     def _gates_have_workloads(self) -> None:
         kinds = [w.kind for w in self.workloads]
-        if kinds.count("agreement") > 1:
-            raise ValueError("at most one agreement workload per run file")
+        for kind in ("agreement", "decode_agreement"):
+            if kinds.count(kind) > 1:
+                raise ValueError(f"at most one {kind} workload per run file")
+        decode = next((w for w in self.workloads if w.kind == "decode_agreement"), None)
+        if decode is not None and len(self.servers) < 2:
+            raise ValueError("a decode_agreement workload needs a server besides its reference")
         for gate in self.gates:
             if isinstance(gate, AgreementGate) and "agreement" not in kinds:
                 raise ValueError(f"gate on {gate.metric} needs an agreement workload")
+            if isinstance(gate, DecodeGate) and decode is None:
+                raise ValueError(f"gate on {gate.metric} needs a decode_agreement workload")
+            if isinstance(gate, DecodeGate) and decode.reference in (gate.server, gate.baseline):
+                raise ValueError(f"gate on {gate.metric} compares the reference server "
+                                 f"{decode.reference!r}, which is not scored against itself")
             if isinstance(gate, ScoreGate):
                 tasks = {t for w in self.workloads if w.kind == "ruler" for t in w.tasks}
                 if gate.task != "mean" and gate.task not in tasks:
@@ -186,7 +229,8 @@ def load_spec(path: str | Path) -> RunSpec:
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
         elif first["type"] == "union_tag_invalid" and loc[0] == "workloads":
-            msg = f"unknown workload kind; this version runs: latency, ruler, agreement ({msg})"
+            msg = (f"unknown workload kind; this version runs: latency, ruler, agreement, "
+                   f"decode_agreement ({msg})")
         elif first["type"] == "union_tag_invalid":
             msg = f"unknown gate metric ({msg})"
         raise ConfigError(f"eval run {path}: {key}: {msg}") from None

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["Server", "ServerError", "Generation", "TeacherForced", "free_port", "port_is_free",
-           "group_alive"]
+__all__ = ["Server", "ServerError", "Generation", "TeacherForced", "ScoredDecode", "free_port",
+           "port_is_free", "group_alive"]
 
 
 class ServerError(RuntimeError):
@@ -55,6 +55,18 @@ class TeacherForced:
     token_logprobs: list[float]  # (n-1,) log p(x_t | x_<t)
     top_ids: list[list[int]]  # (n-1, k) most likely next tokens given x_<t
     top_logprobs: list[list[float]]  # (n-1, k) their log-probabilities, descending
+
+
+@dataclass
+class ScoredDecode:
+    """A greedy continuation with the server's log-probabilities at each generated step."""
+
+    output_ids: list[int]  # (T,) generated tokens
+    token_logprobs: list[float]  # (T,) log-probability of each generated token
+    top_ids: list[list[int]]  # (T, k) most likely tokens at each step
+    top_logprobs: list[list[float]]  # (T, k) their log-probabilities, descending
+    prompt_tokens: int
+    cached_tokens: int
 
 
 def free_port() -> int:
@@ -117,7 +129,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._claim_port()
         cmd = [sys.executable, "-m", "sglang.launch_server", *self.args,
@@ -191,7 +203,7 @@ class Server:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -230,7 +242,7 @@ class Server:
                           cached_details=meta.get("cached_tokens_details") or {})
 
     def next_token_logprobs(self, input_ids: list[int], top_k: int, start: int = 0,
-                            timeout: float = 1200.0) -> "TeacherForced":
+                            timeout: float = 1200.0) -> TeacherForced:
         """Teacher-forced scoring of ``input_ids``: for every position ``t > start`` the
         model's log-probability of token ``t`` and its ``top_k`` most likely tokens given
         ``[:t]``.
@@ -252,6 +264,27 @@ class Server:
         return TeacherForced(token_logprobs=token,
                              top_ids=[[tid for _, tid, _ in row] for row in top],
                              top_logprobs=[[lp for lp, _, _ in row] for row in top])
+
+    def scored_decode(self, input_ids: list[int], max_new_tokens: int, top_k: int,
+                      timeout: float = 1200.0) -> ScoredDecode:
+        """Greedy generation of exactly ``max_new_tokens`` tokens (EOS ignored) after
+        ``input_ids``, with the ``top_k`` most likely tokens and their log-probabilities at
+        each step."""
+        body = {"input_ids": input_ids, "return_logprob": True, "top_logprobs_num": top_k,
+                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                    "ignore_eos": True}}
+        resp = requests.post(f"{self.url}/generate", json=body, timeout=timeout)
+        if resp.status_code != 200:
+            raise ServerError(f"scored decode failed ({resp.status_code}): {resp.text[:300]}")
+        out = resp.json()
+        meta = out["meta_info"]
+        top = meta["output_top_logprobs"]
+        return ScoredDecode(output_ids=out["output_ids"],
+                            token_logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
+                            top_ids=[[tid for _, tid, _ in row] for row in top],
+                            top_logprobs=[[lp for lp, _, _ in row] for row in top],
+                            prompt_tokens=meta["prompt_tokens"],
+                            cached_tokens=meta.get("cached_tokens", 0))
 
     def flush_cache(self) -> None:
         requests.post(f"{self.url}/flush_cache", timeout=60).raise_for_status()

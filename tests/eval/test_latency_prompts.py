@@ -17,7 +17,8 @@ def test_prompts_for_every_length_and_repeat(model_dir, shared):
         for r in range(work.repeats):
             cold, other = prompts_for(tok, work, length, r)
             assert len(cold) == len(other) == length
-            assert cold[:shared] == other[:shared] and cold[shared:shared + 8] != other[shared:shared + 8]
+            assert cold[:shared] == other[:shared]
+            assert cold[shared:shared + 8] != other[shared:shared + 8]
             colds.append(cold)
     # No two cold prompts start alike: each is cold even where a disk tier kept the others.
     heads = {tuple(c[:16]) for c in colds}

@@ -46,7 +46,18 @@ def test_failures_name_the_ratio_and_the_tripwire(tmp_path, capsys):
 def test_no_baseline_for_this_machine_skips_only_the_tripwire(tmp_path, capsys):
     now = write(tmp_path / "now.json", [bench("a", 0.010, 0.02, 0.25)])
     assert main(["perf", str(now), "--baselines", str(tmp_path / "none")]) == 0
-    assert "no baseline for machine id" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no baseline for machine id" in out
+    assert "baseline comparison SKIPPED for all 1 benchmarks" in out
+
+
+def test_a_benchmark_missing_from_the_baseline_is_named_as_skipped(tmp_path):
+    now = write(tmp_path / "now.json", [bench("a", 0.010), bench("new", 0.002)])
+    write(tmp_path / "base" / machine_id() / "0001_cpu.json", [bench("a", 0.010)])
+    table, failures = report(now, tmp_path / "base")
+    assert failures == [] and "| new | — | 2.00 | no baseline |" in table
+    assert "baseline comparison SKIPPED for 1 benchmark(s) absent from 0001_cpu.json" in table
+    assert table.rstrip().endswith(": new")
 
 
 def test_missing_results_file_is_one_clear_line(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Summaries, gates, the Markdown report and the plot, from records of a known shape."""
 
-from sgl_kvtier.eval.gates import AgreementGate, LatencyGate as Gate, ScoreGate, check_gates
+from sgl_kvtier.eval.gates import AgreementGate, ScoreGate, check_gates
+from sgl_kvtier.eval.gates import LatencyGate as Gate
 from sgl_kvtier.eval.report import markdown, plot_ttft, summarise
 
 TAGS = {"git_commit": "abc", "sglang_version": "0.5.23", "hardware": "cpu x2",

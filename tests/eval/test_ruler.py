@@ -81,4 +81,5 @@ def test_scoring():
 
 def test_sentence_splitter():
     text = "It works. Does it? Yes! 3 cats came. e.g. this stays"
-    assert split_sentences(text) == ["It works.", "Does it?", "Yes!", "3 cats came. e.g. this stays"]
+    assert split_sentences(text) == ["It works.", "Does it?", "Yes!",
+                                     "3 cats came. e.g. this stays"]

@@ -35,7 +35,7 @@ def alive(pgid: int) -> bool:
 
 
 def events(folder):
-    return [json.loads(l) for l in (folder / "events.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
 
 
 def test_complete_run_folder(tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_complete_run_folder(tmp_path, capsys):
     folder = next((tmp_path / "runs").iterdir())
     assert {p.name for p in folder.iterdir()} >= {"spec.yaml", "records.jsonl", "events.jsonl",
                                                   "summary.md", "ttft.png", "COMPLETE", "logs"}
-    records = [json.loads(l) for l in (folder / "records.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
     scored = [r for r in records if r["workload"] == "ruler"]
     records = [r for r in records if r["workload"] == "latency"]
     assert [r["phase"] for r in records] == ["cold", "repeat", "shared"] * 2 + ["restart"] * 2
@@ -119,7 +119,7 @@ workloads:
     (tmp_path / "dummy.yaml").write_text(spec)
     assert main(["run", str(tmp_path / "dummy.yaml"), "--out", str(tmp_path / "runs")]) == 0
     folder = next((tmp_path / "runs").iterdir())
-    records = [json.loads(l) for l in (folder / "records.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in records] == ["cold", "repeat"]
     assert records[1]["cached_tokens"] == 255 and len(records[0]["output_ids"]) == 8
     assert records[0]["output_ids"] == records[1]["output_ids"]

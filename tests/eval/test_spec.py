@@ -84,7 +84,8 @@ def test_list_shows_shipped_files(capsys):
 
 
 def test_missing_model_is_one_line_and_starts_nothing(tmp_path, capsys):
-    (tmp_path / "run.yaml").write_text(GOOD.replace("name: t", f"name: t\nmodel: {tmp_path}/nowhere"))
+    bad = GOOD.replace("name: t", f"name: t\nmodel: {tmp_path}/nowhere")
+    (tmp_path / "run.yaml").write_text(bad)
     assert main(["run", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: model '{tmp_path}/nowhere': not an")

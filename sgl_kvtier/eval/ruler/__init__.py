@@ -7,6 +7,7 @@ ones ShadowKV reports (RULER's 13 without niah_multikey_3 and cwe).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 
@@ -60,7 +61,7 @@ def generate(task: str, count_tokens: Callable[[str], int], max_len: int, num_sa
     samples = []
     for index in range(num_samples):
         sample_seed = seed * 1_000_003 + index * 7919 + sum(map(ord, task))
-        prompt, answers, tokens = fit(lambda size: build(sample_seed, index, size),
+        prompt, answers, tokens = fit(functools.partial(build, sample_seed, index),
                                       count_tokens, max_len - new_tokens, largest=max_len)
         samples.append(Sample(task, index, prompt, answers, new_tokens, metric, tokens))
     return samples

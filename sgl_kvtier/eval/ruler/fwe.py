@@ -17,7 +17,8 @@ def _vocabulary(rng: random.Random, n: int) -> list[str]:
     return sorted(words)
 
 
-def build_fwe(seed: int, size: int, vocab_size: int = 100, alpha: float = 2.0) -> tuple[str, list[str]]:
+def build_fwe(seed: int, size: int, vocab_size: int = 100,
+              alpha: float = 2.0) -> tuple[str, list[str]]:
     """``size`` coded words; the word of rank k occurs about ``size / zeta(alpha) / k^alpha``
     times, rank 1 is shown as ``...`` (noise), and the answer is ranks 2 to 4."""
     rng = random.Random(seed)
