@@ -31,7 +31,8 @@ from pathlib import Path
 
 from sgl_kvtier.paths import cache_dir
 
-__all__ = ["activate", "build", "cpu_engine_env", "has_real_driver", "imported_symbols", "shim_path"]
+__all__ = ["activate", "build", "cpu_engine_env", "has_real_driver", "imported_symbols",
+           "shim_path"]
 
 log = logging.getLogger(__name__)
 SONAME = "libcuda.so.1"

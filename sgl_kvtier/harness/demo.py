@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sgl_kvtier.harness.resolve import resolve_model
 from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
+from sgl_kvtier.harness.resolve import resolve_model
 from sgl_kvtier.harness.server import Server, ServerError
 
 SHORT_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
@@ -24,7 +24,8 @@ CPU_DTYPE = "float32"
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| request | prompt tokens | cached tokens | TTFT (s) | output |\n|---|---:|---:|---:|---|"
+    head = ("| request | prompt tokens | cached tokens | TTFT (s) | output |\n"
+            "|---|---:|---:|---:|---|")
     lines = [f"| {r['name']} | {r['prompt_tokens']} | {r['cached_tokens']} | "
              f"{r['ttft_s']:.2f} | {r['output']!r} |" for r in rows]
     return "\n".join([head, *lines])

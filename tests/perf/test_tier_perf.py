@@ -6,14 +6,14 @@ import time
 
 import pytest
 import torch
+from timing import gate, interleaved_ratio, interleaved_seconds, one_thread
 
 from sgl_kvtier.harness.models import model_path
-from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, measure_read_bandwidth
 from sgl_kvtier.harness.tier_bench import fill
+from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, measure_read_bandwidth
 from sgl_kvtier.tier.direct_io import alloc_aligned
 from sgl_kvtier.tier.kv_transfer import KVPool
 from sgl_kvtier.tier.service import TierService
-from timing import gate, interleaved_ratio, interleaved_seconds, one_thread  # noqa: F401
 
 # SmolLM2-135M's KV: 30 layers, 3 KV heads, head_dim 64.
 LAYERS, HEADS, DIM = 30, 3, 64
@@ -21,13 +21,14 @@ LAYERS, HEADS, DIM = 30, 3, 64
 
 def test_store_reads_near_raw_disk_bandwidth(benchmark, tmp_path):
     """Goal 0.9x the raw bandwidth (README); the gate leaves room for this shared disk."""
-    MAX_RATIO = 1.5  # store read time over raw read time: bandwidth at least 0.67x raw
+    # Store read time over raw read time (bandwidth at least 0.67x raw); measured 0.73-0.83.
+    MAX_RATIO = 1.5
     fp = ModelFingerprint("bench", "bfloat16", LAYERS, HEADS, DIM)
     layout = fp.chunk_layout(256)
     keys, _ = fill(tmp_path / "data", fp, 256, 48)  # 283 MB in 5.9 MB chunks
     staging = [alloc_aligned(layout.nbytes) for _ in keys]
     total = len(keys) * layout.nbytes
-    with ChunkStore(StoreConfig(tmp_path / "data", 1 << 40)) as store:
+    with ChunkStore(StoreConfig(tmp_path / "data", 1 << 40, admission="always")) as store:
         def store_read() -> float:
             start = time.perf_counter()
             assert all(x is not None for x in store.load(keys, out=staging))
@@ -47,7 +48,7 @@ def test_store_reads_near_raw_disk_bandwidth(benchmark, tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_restore_from_disk_against_recompute(benchmark, tmp_path):
     """1024 prompt tokens: load their KV from the tier into a KV pool, or compute it."""
-    MAX_RATIO = 0.25  # measured about 0.03 on 2 AMD EPYC cores
+    MAX_RATIO = 0.02  # measured 0.007-0.017 on 2 AMD EPYC cores
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path("smollm2"), dtype=torch.float32)
@@ -55,7 +56,7 @@ def test_restore_from_disk_against_recompute(benchmark, tmp_path):
     fp = ModelFingerprint("smollm2", "float32", LAYERS, HEADS, DIM)
     pool = KVPool([torch.randn(4096, HEADS, DIM) for _ in range(LAYERS)],
                   [torch.randn(4096, HEADS, DIM) for _ in range(LAYERS)])
-    store = ChunkStore(StoreConfig(tmp_path / "tier", 1 << 40))
+    store = ChunkStore(StoreConfig(tmp_path / "tier", 1 << 40, admission="always"))
     service = TierService(store, fp, 256, pool)
     try:
         service.offer("", tokens, torch.arange(1, 1025), 0, "written")
@@ -80,7 +81,7 @@ def test_restore_from_disk_against_recompute(benchmark, tmp_path):
 
 def test_write_through_barely_slows_a_concurrent_prefill(benchmark, tmp_path):
     """Writing a 4096-token prompt (189 MB) through to disk behind a 1024-token prefill."""
-    # Goal 1.03 (README). Measured 0.94-1.04 with the background threads at nice 19, 1.24 at
+    # Goal 1.03 (README). Measured 0.94-1.09 with the background threads at nice 19, 1.24 at
     # normal priority; single prefills on this shared machine vary by 10%, hence the bound.
     MAX_RATIO = 1.2
     from transformers import AutoModelForCausalLM
@@ -89,7 +90,8 @@ def test_write_through_barely_slows_a_concurrent_prefill(benchmark, tmp_path):
     fp = ModelFingerprint("smollm2", "float32", LAYERS, HEADS, DIM)
     pool = KVPool([torch.randn(5000, HEADS, DIM) for _ in range(LAYERS)],
                   [torch.randn(5000, HEADS, DIM) for _ in range(LAYERS)])
-    service = TierService(ChunkStore(StoreConfig(tmp_path / "tier", 1 << 40)), fp, 256, pool)
+    store = ChunkStore(StoreConfig(tmp_path / "tier", 1 << 40, admission="always"))
+    service = TierService(store, fp, 256, pool)
     prompt = torch.randint(0, 49_000, (1, 1024))
     rounds = iter(range(1000))
 

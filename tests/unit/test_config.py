@@ -118,7 +118,9 @@ def test_parse_size_rejects(bad):
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         KVTierConfig().tier.chunk_tokens = 3
 
 
@@ -127,3 +129,20 @@ def test_documented_example_is_valid_and_states_the_defaults():
 
     example = Path(__file__).resolve().parents[2] / "docs" / "kvtier.example.yaml"
     assert load_config(example) == KVTierConfig()
+
+
+def test_store_settings_come_from_the_tier_section_and_defaults_agree(tmp_path):
+    import dataclasses
+
+    from sgl_kvtier.config import TierConfig
+    from sgl_kvtier.tier.config import StoreConfig
+
+    tier = TierConfig()
+    built = StoreConfig.from_tier(tier, tmp_path)
+    defaults = {f.name: f.default for f in dataclasses.fields(StoreConfig)}
+    shared = {"admission": "admission", "read_bandwidth_limit": "read_bandwidth_limit",
+              "read_threads": "io_threads", "direct_io": "direct_io"}
+    for store_name, tier_name in shared.items():
+        assert defaults[store_name] == getattr(tier, tier_name), store_name
+        assert getattr(built, store_name) == getattr(tier, tier_name), store_name
+    assert built.capacity_bytes == tier.capacity

@@ -10,8 +10,8 @@ import pytest
 from sgl_kvtier import cuda_shim
 
 # A bare environment, except for where the shim is cached.
-BARE = {"PATH": "/usr/bin:/bin", **{k: os.environ[k] for k in
-                                    ("HOME", "XDG_CACHE_HOME", "KVTIER_CACHE_DIR") if k in os.environ}}
+_KEPT = ("HOME", "XDG_CACHE_HOME", "KVTIER_CACHE_DIR")
+BARE = {"PATH": "/usr/bin:/bin", **{k: os.environ[k] for k in _KEPT if k in os.environ}}
 
 pytestmark = pytest.mark.skipif(cuda_shim.has_real_driver(),
                                 reason="a real NVIDIA driver is present; the shim is not used")

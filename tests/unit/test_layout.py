@@ -32,9 +32,10 @@ def test_patches_do_import_sglang():
 
 def test_core_imports_with_sglang_blocked():
     code = ("import sys; sys.modules['sglang'] = None\n"
-            "import sgl_kvtier, sgl_kvtier.config, sgl_kvtier.attention.dense, sgl_kvtier.harness.models, "
-            "sgl_kvtier.cuda_shim, sgl_kvtier.harness.server, sgl_kvtier.harness.prompts, sgl_kvtier.harness.demo, "
-            "sgl_kvtier.kernels\n"
+            "import sgl_kvtier, sgl_kvtier.config, sgl_kvtier.attention.dense, "
+            "sgl_kvtier.harness.models, sgl_kvtier.harness.resolve, sgl_kvtier.harness.server, "
+            "sgl_kvtier.harness.prompts, sgl_kvtier.harness.demo, sgl_kvtier.cuda_shim, "
+            "sgl_kvtier.tier, sgl_kvtier.tier.faults, sgl_kvtier.kernels\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
