@@ -73,12 +73,12 @@ class Capacity:
         shards, _ = self.folder.shards()
         for shard in shards:
             try:
-                entries = list(self.folder.entries(shard))
+                entries = self.folder.entries(shard, want_stat=is_chunk_name)
             except OSError:
                 continue
             found += [(st.st_mtime_ns, name.removesuffix(CHUNK_SUFFIX), disk_bytes(st))
-                      for name, st in entries
-                      if is_chunk_name(name) and name[:2] == shard and trusted_file(st)]
+                      for name, _, st in entries
+                      if st is not None and name[:2] == shard and trusted_file(st)]
         found.sort()
         self.index.replace_all((key, size, mtime) for mtime, key, size in found)
         return sum(size for _, _, size in found)

@@ -27,13 +27,14 @@ from ._log import log_once
 from .chunk_file import HEADER_SIZE, CorruptChunk, unpack_header
 from .direct_io import IOMode, alloc_aligned
 from .keys import CHUNK_SUFFIX, is_chunk_name, is_temp_name, temp_writer
-from .tier_dir import TierDir
+from .tier_dir import TierDir, UntrustedEntry
 
 __all__ = ["ScanResult", "scan", "disk_bytes", "trusted_file", "STALE_TEMP_SECONDS"]
 
 # A temporary file older than this is a leftover even if its writer's pid is alive here
 # (pids are reused, and another container's writer is invisible).
 STALE_TEMP_SECONDS = 600.0
+_UNTRUSTED = object()
 
 
 @dataclass
@@ -64,13 +65,17 @@ def scan(folder: TierDir, mode: IOMode, threads: int = 16) -> ScanResult:
     found = _list_chunks(folder, result)
     threads = max(1, min(threads, len(found)))
     # One task per thread, not per file: per-file futures cost more than a header read.
-    slices = [found[i::threads] for i in range(threads)]
+    # Contiguous slices of the shard-ordered list, so each thread opens few shard folders.
+    size = max(1, -(-len(found) // threads))
+    slices = [found[i:i + size] for i in range(0, len(found), size)] or [[]]
     with ThreadPoolExecutor(threads, thread_name_prefix="kvtier-scan") as pool:
         outcomes = pool.map(lambda part: _inspect_all(folder, part, mode), slices)
     dated = []
     for part, checked in zip(slices, outcomes):
         for key, outcome in zip(part, checked):
-            if isinstance(outcome, str):
+            if outcome is _UNTRUSTED:
+                result.untrusted += 1
+            elif isinstance(outcome, str):
                 result.corrupt += folder.quarantine(key, outcome)
             elif outcome is not None:
                 dated.append(outcome)
@@ -90,11 +95,11 @@ def _list_chunks(folder: TierDir, result: ScanResult) -> list[str]:
     shards, result.untrusted = folder.shards()
     for shard in shards:
         try:
-            entries = list(folder.entries(shard))
+            entries = folder.entries(shard, want_stat=is_temp_name)
         except OSError as e:
             _error(result, f"cannot list {folder.root / shard} ({e})")
             continue
-        for name, st in entries:
+        for name, regular, st in entries:
             if is_temp_name(name):
                 if _stale(name, st):
                     removed = folder.unlink_in(shard, name)
@@ -102,17 +107,18 @@ def _list_chunks(folder: TierDir, result: ScanResult) -> list[str]:
                     if not removed:
                         _error(result, f"cannot delete the leftover {folder.root / shard / name}")
             elif is_chunk_name(name):
-                key = name.removesuffix(CHUNK_SUFFIX)
-                if key[:2] != shard:  # not where its name says: never looked up
+                if key_of(name)[:2] != shard:  # not where its name says: never looked up
                     result.untrusted += 1
-                elif trusted_file(st):
-                    keys.append(key)
-                elif not stat.S_ISREG(st.st_mode):  # symlink, FIFO, device, folder
+                elif regular:  # owner and mode are checked when it is opened
+                    keys.append(key_of(name))
+                else:  # symlink, FIFO, device, folder: remove the entry itself
                     result.untrusted += 1
                     folder.unlink_in(shard, name)
-                else:  # another user's file: not ours to delete
-                    result.untrusted += 1
     return keys
+
+
+def key_of(name: str) -> str:
+    return name.removesuffix(CHUNK_SUFFIX)
 
 
 def trusted_file(st: os.stat_result) -> bool:
@@ -146,18 +152,37 @@ def _error(result: ScanResult, message: str) -> None:
 def _inspect_all(folder: TierDir, keys: list[str],
                  mode: IOMode) -> list[tuple[int, str, int] | str | None]:
     block = alloc_aligned(HEADER_SIZE, pin=False).numpy()
-    return [_inspect(folder, key, mode, block) for key in keys]
+    outcomes, shard, shard_fd = [], None, None
+    try:
+        for key in keys:  # sorted by shard: each shard folder is opened once
+            if key[:2] != shard:
+                if shard_fd is not None:
+                    os.close(shard_fd)
+                    shard_fd = None
+                shard = key[:2]
+                try:
+                    shard_fd = folder.open_folder(shard)
+                except OSError:  # changed since it was listed: skip its chunks this time
+                    shard_fd = None
+            outcomes.append(None if shard_fd is None
+                            else _inspect(folder, key, mode, block, shard_fd))
+    finally:
+        if shard_fd is not None:
+            os.close(shard_fd)
+    return outcomes
 
 
-def _inspect(folder: TierDir, key: str, mode: IOMode,
-             block: np.ndarray) -> tuple[int, str, int] | str | None:
+def _inspect(folder: TierDir, key: str, mode: IOMode, block: np.ndarray,
+             shard_fd: int) -> tuple[int, str, int] | str | None:
     """(mtime, key, bytes) of a good chunk, a reason it is bad, or None if it vanished."""
     try:
-        with folder.open_chunk(key, mode) as f:
+        with folder.open_chunk(key, mode, shard_fd=shard_fd) as f:
             header = unpack_header(block[:f.read_into(block, 0)])
             st = os.fstat(f.fd)
     except FileNotFoundError:
         return None
+    except UntrustedEntry:
+        return _UNTRUSTED  # another user's, or writable by others: not ours to judge
     except (CorruptChunk, OSError) as e:
         return str(e)
     if header.key.hex() != key:

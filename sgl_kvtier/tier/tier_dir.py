@@ -21,7 +21,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -102,13 +102,14 @@ class TierDir:
         Raises ``FileNotFoundError`` if it is missing (and not ``create``),
         ``UntrustedEntry`` if it is a symlink, not a folder, or not ours.
         """
-        fd = self._open_folder(name, create)
+        fd = self.open_folder(name, create)
         try:
             yield fd
         finally:
             os.close(fd)
 
-    def _open_folder(self, name: str, create: bool) -> int:
+    def open_folder(self, name: str, create: bool = False) -> int:
+        """As :meth:`folder`, returning the descriptor for the caller to close."""
         try:
             fd = os.open(name, _DIR, dir_fd=self.fd)
         except FileNotFoundError:
@@ -133,21 +134,25 @@ class TierDir:
 
     # ---------------------------------------------------------------------- files
 
-    def open_chunk(self, key: str, mode: IOMode, flags: int = os.O_RDONLY) -> DirectFile:
+    def open_chunk(self, key: str, mode: IOMode, flags: int = os.O_RDONLY,
+                   shard_fd: int | None = None) -> DirectFile:
         """Open the chunk file of ``key``; only a regular file of ours is accepted.
 
-        Raises ``FileNotFoundError`` when absent and ``UntrustedEntry`` for a symlink,
-        FIFO, device, folder, or a file of another user.
+        ``shard_fd`` is its shard folder, already opened with :meth:`folder` (a scan opens
+        each shard once). Raises ``FileNotFoundError`` when absent and ``UntrustedEntry``
+        for a symlink, FIFO, device, folder, or a file of another user.
         """
         shard, name = _split(key)
-        with self.folder(shard) as dfd:
-            try:
-                f = mode.open(name, flags | _FILE, dir_fd=dfd)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise UntrustedEntry(errno.EPERM, f"{self.root / shard / name} is a "
-                                                      f"symlink") from None
-                raise
+        if shard_fd is None:
+            with self.folder(shard) as dfd:
+                return self.open_chunk(key, mode, flags, dfd)
+        try:
+            f = mode.open(name, flags | _FILE, dir_fd=shard_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UntrustedEntry(errno.EPERM, f"{self.root / shard / name} is a "
+                                                  f"symlink") from None
+            raise
         try:
             _check(os.fstat(f.fd), str(self.root / shard / name), want_dir=False)
         except BaseException:
@@ -245,16 +250,21 @@ class TierDir:
                     _unlink(entry.name, self.fd)
         return sorted(good), bad
 
-    def entries(self, shard: str) -> Iterator[tuple[str, os.stat_result]]:
-        """``(name, lstat)`` of every entry of one shard folder."""
-        with self.folder(shard) as dfd:
-            with os.scandir(dfd) as it:
-                names = [e.name for e in it]
-            for name in names:
+    def entries(self, shard: str,
+                want_stat: Callable[[str], bool]) -> list[tuple[str, bool, os.stat_result | None]]:
+        """``(name, is a regular file, lstat)`` of every entry of one shard folder; the
+        kind comes from the listing itself, ``lstat`` only for names ``want_stat`` picks
+        (a start-up scan of many thousand chunks then costs one listing per shard)."""
+        out = []
+        with self.folder(shard) as dfd, os.scandir(dfd) as it:
+            for entry in it:
                 try:
-                    yield name, os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    regular = entry.is_file(follow_symlinks=False)
+                    st = entry.stat(follow_symlinks=False) if want_stat(entry.name) else None
                 except FileNotFoundError:
                     continue
+                out.append((entry.name, regular, st))
+        return out
 
     def unlink_in(self, shard: str, name: str) -> bool:
         """Delete one entry of a shard folder (a temp file, a planted non-file)."""
