@@ -74,7 +74,7 @@ def test_decode_reads_the_pool_in_place(benchmark):
 def test_decode_over_several_runs_per_request(benchmark):
     """As above with each request's slots in 4 runs of the pool: float32 attention states
     per run, merged (the path prefix sharing takes), still without gathering."""
-    MAX_RATIO = 1.0  # must beat gathering too; measured 0.59-0.65 on 2 AMD EPYC cores
+    MAX_RATIO = 1.0  # must beat gathering too; measured 0.59-0.80 on 2 AMD EPYC cores
     decode_case(benchmark, runs=4, max_ratio=MAX_RATIO)
 
 

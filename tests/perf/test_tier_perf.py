@@ -1,6 +1,7 @@
 """The NVMe tier against its references, timed in one process: the store's reads against
-a raw sequential O_DIRECT read of the same disk, and restoring a prompt's KV from disk
-against recomputing it with the model (SmolLM2-135M, float32, this CPU)."""
+plain parallel O_DIRECT reads of the same files, restoring a prompt's KV from disk against
+recomputing it with the model (SmolLM2-135M, float32, this CPU), and a prefill with and
+without a write-through behind it."""
 
 import time
 
@@ -9,8 +10,8 @@ import torch
 from timing import gate, interleaved_ratio, interleaved_seconds, one_thread
 
 from sgl_kvtier.harness.models import model_path
-from sgl_kvtier.harness.tier_bench import fill
-from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig, measure_read_bandwidth
+from sgl_kvtier.harness.tier_bench import bare_pass, fill
+from sgl_kvtier.tier import ChunkStore, ModelFingerprint, StoreConfig
 from sgl_kvtier.tier.direct_io import alloc_aligned
 from sgl_kvtier.tier.kv_transfer import KVPool
 from sgl_kvtier.tier.service import TierService
@@ -19,30 +20,32 @@ from sgl_kvtier.tier.service import TierService
 LAYERS, HEADS, DIM = 30, 3, 64
 
 
-def test_store_reads_near_raw_disk_bandwidth(benchmark, tmp_path):
-    """Goal 0.9x the raw bandwidth (README); the gate leaves room for this shared disk."""
-    # Store read time over raw read time; measured 0.73-1.24 (the raw rate of this virtual
-    # disk moves between 0.9 and 2.1 GB/s from one round to the next).
-    MAX_RATIO = 1.8
+def test_store_reads_near_plain_parallel_reads(benchmark, tmp_path):
+    """The store's own cost on reads (header, size and checksum checks, trust checks,
+    bookkeeping) against plain parallel O_DIRECT reads of the very same files into the same
+    buffers, alternating: the disk's large round-to-round variance hits both alike. (Store
+    against a raw sequential read of the disk: README, ``sgl_kvtier.harness.tier_bench``.)"""
+    # Store read time over plain read time; measured 0.89-1.14. Against a raw sequential
+    # read of the disk instead, the ratio moved from 0.73 to 2.07 between runs here.
+    MAX_RATIO = 1.6
     fp = ModelFingerprint("bench", "bfloat16", LAYERS, HEADS, DIM)
-    layout = fp.chunk_layout(256)
+    config = StoreConfig(tmp_path / "data", 1 << 40, admission="always")
     keys, _ = fill(tmp_path / "data", fp, 256, 48)  # 283 MB in 5.9 MB chunks
-    staging = [alloc_aligned(layout.nbytes) for _ in keys]
-    total = len(keys) * layout.nbytes
-    with ChunkStore(StoreConfig(tmp_path / "data", 1 << 40, admission="always")) as store:
+    staging = [alloc_aligned(fp.chunk_layout(256).nbytes) for _ in keys]
+    with ChunkStore(config) as store:
+        total = len(keys) * store.load(keys[:1], out=staging[:1])[0].numel()
+
         def store_read() -> float:
             start = time.perf_counter()
             assert all(x is not None for x in store.load(keys, out=staging))
             return time.perf_counter() - start
 
-        def raw_read() -> float:
-            # The probe writes a scratch file of the same size, then times its read alone.
-            return total / measure_read_bandwidth(tmp_path, total)
+        def plain_read() -> float:
+            return total / bare_pass(store.root, staging, config.read_threads)
 
-        measured = interleaved_seconds(store_read, raw_read, rounds=4)
-        benchmark.extra_info["store_over_raw_bandwidth"] = 1 / measured["ratio"]
+        measured = interleaved_seconds(store_read, plain_read, rounds=6, warmup=1)
         benchmark.pedantic(store_read, rounds=3)
-    gate(benchmark, "tier store read time / raw O_DIRECT read time, 283 MB", measured,
+    gate(benchmark, "tier store read time / plain parallel O_DIRECT read, 283 MB", measured,
          MAX_RATIO)
 
 
