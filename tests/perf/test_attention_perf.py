@@ -2,7 +2,7 @@
 heads, head_dim 64, float32): kvtier versus torch_native, timed in one process.
 
 Each test records the absolute time of the kvtier path with pytest-benchmark (compared with
-the committed baseline only as a loose tripwire) and gates on the ratio of the two paths'
+the committed baseline only as a drift report) and gates on the ratio of the two paths'
 medians, timed interleaved. Thresholds are written next to each benchmark, far enough from
 the measured ratios to fail on a lost optimisation rather than on noise.
 """
