@@ -14,7 +14,11 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from sgl_kvtier.attention.merge import merge_attention_states, partial_attention
+from sgl_kvtier.attention.merge import (
+    causal_partial_attention,
+    merge_attention_states,
+    partial_attention,
+)
 
 __all__ = ["extend_attention", "decode_attention", "decode_attention_runs", "contiguous_runs",
            "extend_attention_ref"]
@@ -67,11 +71,29 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
         out = sdpa(q.transpose(0, 1).unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0),
                    scale=scale, is_causal=True, enable_gqa=h_q != h_kv)
         return out.squeeze(0).transpose(0, 1)
-    rows = torch.arange(prefix_len, kv_len, device=q.device).unsqueeze(1)
-    mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows  # [n, kv_len]
-    mask = mask.repeat(h_q // h_kv, 1)  # rows ordered (group member, token)
-    out = sdpa(_fold_heads(q, h_kv), kt, vt, attn_mask=mask, scale=scale)
-    return _unfold_heads(out, n)
+    # Over a cached prefix: the prefix part needs no mask and the new part is a plain
+    # causal square, so each takes the fast unmasked/causal kernel; their float32 states
+    # merge exactly (an explicit [n, prefix+n] boolean mask sends SDPA to a slower path).
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cached = partial_attention(_fold_heads(q, h_kv), kt[:, :prefix_len], vt[:, :prefix_len],
+                               scale)
+    new = _causal_state(q, k[prefix_len:], v[prefix_len:], scale)
+    out, _ = merge_attention_states(*zip(cached, new))
+    return _unfold_heads(out.to(q.dtype), n)
+
+
+def _causal_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``n`` tokens among themselves, as a float32 state in the folded
+    layout of :func:`_fold_heads`: ``out (H_kv, G*n, Dv)``, ``lse (H_kv, G*n)``."""
+    n, h_q, _ = q.shape
+    h_kv = k.shape[1]
+    g = h_q // h_kv
+    # Repeating KV heads costs n tokens only (the new part), not the prefix.
+    kr = k.float().repeat_interleave(g, dim=1).transpose(0, 1)  # [H_q, n, D]
+    vr = v.float().repeat_interleave(g, dim=1).transpose(0, 1)
+    out, lse = causal_partial_attention(q.float().transpose(0, 1), kr, vr, scale)
+    return out.reshape(h_kv, g * n, -1), lse.reshape(h_kv, g * n)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -3,7 +3,7 @@ attention *state*), and states merge exactly into the attention over all the par
 
 Used where one softmax cannot see all keys at once without copying them: decode over a
 request's KV slots scattered in several runs of the pool (:mod:`sgl_kvtier.attention.dense`),
-and later an extend split into a cached part (no mask) and a new part (causal). The merge is
+and an extend split into a cached part (no mask) and a new part (causal). The merge is
 the one FlashInfer's cascade attention uses::
 
     m   = max_i lse_i
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["partial_attention", "partial_attention_ref", "merge_attention_states"]
+__all__ = ["partial_attention", "partial_attention_ref", "causal_partial_attention",
+           "merge_attention_states"]
 
 log = logging.getLogger("sgl_kvtier")
 
@@ -72,6 +73,38 @@ def partial_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference and fallback of :func:`partial_attention`: explicit float32 softmax."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [H, Lq, Lk]
+    lse = scores.logsumexp(-1)
+    return (scores - lse[..., None]).exp() @ v.float(), lse
+
+
+def causal_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``L`` tokens among themselves (query ``i`` sees keys ``<= i``),
+    in float32, with its state.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        ``(H, L, D)``, ``(H, L, D)`` and ``(H, L, Dv)``, the same heads (repeat KV heads
+        for grouped-query attention first).
+    scale : float
+        Softmax scale.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``(H, L, Dv)`` float32.
+    lse : torch.Tensor
+        ``(H, L)`` float32.
+    """
+    op = _cpu_flash_op() if q.device.type == "cpu" else None
+    if op is not None and v.shape[-1] == k.shape[-1]:
+        out, lse = op(q.float()[None], k.float()[None], v.float()[None], 0.0, True, scale=scale)
+        return out[0], lse[0]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [H, L, L]
+    n = scores.shape[-1]
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
     lse = scores.logsumexp(-1)
     return (scores - lse[..., None]).exp() @ v.float(), lse
 

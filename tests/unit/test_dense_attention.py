@@ -15,6 +15,7 @@ from sgl_kvtier.attention.dense import (
     extend_attention_ref,
 )
 from sgl_kvtier.attention.merge import (
+    causal_partial_attention,
     merge_attention_states,
     partial_attention,
     partial_attention_ref,
@@ -42,6 +43,28 @@ def test_extend_bf16_close_to_reference():
     out = extend_attention(q, k, v, 200, scale=0.1)
     torch.testing.assert_close(out, extend_attention_ref(q, k, v, 200, scale=0.1),
                                atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_state_of_the_cpu_flash_op_matches_its_explicit_reference(dtype, monkeypatch):
+    from sgl_kvtier.attention import merge
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(4, 40, 64, generator=g).to(dtype) for _ in range(3))
+    out, lse = causal_partial_attention(q, k, v, 0.125)
+    monkeypatch.setattr(merge, "_cpu_flash_op", lambda: None)
+    ref_out, ref_lse = causal_partial_attention(q, k, v, 0.125)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6)
+
+
+def test_extend_without_the_cpu_flash_op_still_matches_reference(monkeypatch):
+    from sgl_kvtier.attention import merge
+
+    monkeypatch.setattr(merge, "_cpu_flash_op", lambda: None)
+    q, k, v = qkv(24, 100)
+    torch.testing.assert_close(extend_attention(q, k, v, 100), extend_attention_ref(q, k, v, 100),
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_last_query_row_sees_whole_sequence_first_sees_prefix_plus_itself():
