@@ -83,7 +83,7 @@ def measure(folder: Path, lengths: list[int], rounds: int) -> list[dict]:
             for n, prompt in prompts.items():
                 server.flush_cache()
                 disk = server.generate(prompt, NEW_TOKENS)
-                assert disk.cached_details.get("host") == n - 1, disk.cached_details
+                assert disk.cached_details.get("storage") == n - 1, disk.cached_details
                 device = server.generate(prompt, NEW_TOKENS)
                 assert device.cached_details.get("device") == n - 1, device.cached_details
                 times[n]["disk"].append(disk.ttft_s)

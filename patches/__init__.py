@@ -27,10 +27,12 @@ def _hooks(enabled: bool) -> list[tuple]:
 
     if not enabled:
         return list(cli.HOOKS)
-    from sgl_kvtier.patches import scheduler_state
-
+    if _state.is_launcher():
+        return list(cli.HOOKS)
     # The scheduler module costs seconds to import; only its own process needs it.
-    return list(cli.HOOKS) + ([] if _state.is_launcher() else list(scheduler_state.HOOKS))
+    from sgl_kvtier.patches import scheduler_state, tier_loads
+
+    return list(cli.HOOKS) + list(scheduler_state.HOOKS) + list(tier_loads.HOOKS)
 
 
 def register() -> None:

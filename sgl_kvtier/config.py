@@ -75,6 +75,9 @@ class TierConfig(_Section):
         "cap on the tier's read rate, bytes/s, to emulate slower storage (benchmarks)"))
     io_threads: int = Field(4, gt=0, le=64, description="chunk reads in flight")
     direct_io: bool = Field(True, description="O_DIRECT reads and writes where allowed")
+    async_load: bool = Field(True, description=(
+        "load disk hits on a background thread while the scheduler keeps serving; false "
+        "reads them inside the scheduler step (the behaviour before, kept for comparison)"))
 
 
 class PrefillConfig(_Section):

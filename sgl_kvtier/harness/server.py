@@ -39,7 +39,8 @@ class Generation:
     ttft_s: float  # request sent -> first streamed chunk
     total_s: float
     token_times: list[float] = field(default_factory=list, repr=False)
-    cached_details: dict = field(default_factory=dict)  # e.g. {"device": 0, "host": 2047}
+    # e.g. {"device": 0, "host": 0, "storage": 2047}
+    cached_details: dict = field(default_factory=dict)
 
     @property
     def decode_s_per_token(self) -> float:

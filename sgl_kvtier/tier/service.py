@@ -18,7 +18,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from .direct_io import alloc_aligned
 from .keys import TokenIds, chunk_keys
 from .kv_transfer import KVPool, pack_chunk, unpack_chunk
 from .layout import ModelFingerprint
+from .loader import Loader, LoadJob
 from .store import ChunkStore
 
 __all__ = ["DiskHit", "TierService", "namespace_of"]
@@ -99,11 +99,11 @@ class TierService:
         pool.check(self.layout)
         self.pool = pool
         self.loads_in_flight = loads_in_flight
-        self._staging = [alloc_aligned(self.layout.nbytes) for _ in range(loads_in_flight)]
+        staging = [alloc_aligned(self.layout.nbytes) for _ in range(loads_in_flight)]
         self.counters = {"lookups": 0, "disk_hit_tokens": 0, "loaded_tokens": 0,
                          "load_failures": 0, "load_seconds": 0.0, "offered_chunks": 0,
                          "packed_chunks": 0, "pack_seconds": 0.0, "copies_pending": 0,
-                         "copies_cancelled": 0}
+                         "copies_cancelled": 0, "loads_cancelled": 0}
         self._count_lock = threading.Lock()  # the packer thread updates counters too
         # Held while a chunk is copied out of the pool, so cancel_copies() can wait for it.
         self._copy_lock = threading.Lock()
@@ -113,6 +113,7 @@ class TierService:
         self._written: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._packer = threading.Thread(target=self._pack_loop, name="kvtier-pack", daemon=True)
         self._packer.start()
+        self._loader = Loader(staging, self._submit_chunk, self._unpack, self._count_load)
 
     # ------------------------------------------------------------------------ reads
 
@@ -146,48 +147,53 @@ class TierService:
         return DiskHit(keys[:found], pieces, first, device_len, end)
 
     def load(self, hit: DiskHit, slots: torch.Tensor) -> bool:
-        """Fill ``slots`` (``(hit.length,)`` int64 on the pool's device) with the hit's KV.
+        """Fill ``slots`` (``(hit.length,)`` int64 on the pool's device) with the hit's KV,
+        waiting for it. False if any chunk turned out missing or corrupt: the caller
+        recomputes (and frees ``slots``)."""
+        job = self.submit_load(hit, slots)
+        job.wait()
+        if job.error is not None:
+            raise job.error
+        return bool(job.ok)
 
-        Reads run ``loads_in_flight`` chunks ahead of the copy into the pool. False if any
-        chunk turned out missing or corrupt: the caller recomputes (and frees ``slots``).
+    def submit_load(self, hit: DiskHit, slots: torch.Tensor, order: str = "front") -> LoadJob:
+        """Start filling ``slots`` with the hit's KV on the loader thread; returns at once.
+
+        Reads run ``loads_in_flight`` chunks ahead of the copy into the pool. Poll
+        ``job.done()``; then ``job.ok`` says whether every chunk verified (else recompute
+        and free ``slots``), ``job.error`` holds an unexpected error. The slots must stay
+        allocated until the job is done, cancelled or not.
         """
         faults.hit("load")
-        start = time.perf_counter()
-        pending: deque[tuple[int, Future]] = deque()
-        next_chunk, ok = 0, True
-        while ok and (pending or next_chunk < len(hit.keys)):
-            while next_chunk < len(hit.keys) and len(pending) < self.loads_in_flight:
-                buf = self._staging[next_chunk % self.loads_in_flight]
-                future = self.store.submit_load([hit.keys[next_chunk]],
-                                                [hit.chunk_tokens[next_chunk]], self.layout,
-                                                [buf])[0]
-                pending.append((next_chunk, future))
-                next_chunk += 1
-            i, future = pending.popleft()
-            payload = future.result()
-            ok = payload is not None and self._unpack(hit, i, payload, slots)
-        for _, future in pending:  # after a failure: let the staging buffers go idle
-            future.result()
-        self._count_load(hit, ok, time.perf_counter() - start)
-        return ok
+        # Found now, read later: the chunks must not be evicted from the disk meanwhile.
+        return self._loader.submit(LoadJob(hit, slots, order, held=self.store.hold(hit.keys)))
 
-    def _unpack(self, hit: DiskHit, i: int, payload: torch.Tensor, slots: torch.Tensor) -> bool:
+    def _submit_chunk(self, job: LoadJob, i: int, buf: torch.Tensor) -> Future:
+        hit = job.hit
+        return self.store.submit_load([hit.keys[i]], [hit.chunk_tokens[i]], self.layout,
+                                      [buf])[0]
+
+    def _unpack(self, job: LoadJob, i: int, payload: torch.Tensor) -> None:
+        hit, slots = job.hit, job.slots
         chunk_start = (hit.first_chunk + i) * self.chunk
         skip = max(hit.device_len - chunk_start, 0)  # tokens of this chunk already on device
         stop = min(chunk_start + self.chunk, hit.end)  # the last chunk may be used in part
         lo, hi = chunk_start + skip - hit.device_len, stop - hit.device_len
         unpack_chunk(payload, self.layout, self.pool, slots[lo:hi], skip)
-        return True
 
-    def _count_load(self, hit: DiskHit, ok: bool, seconds: float) -> None:
-        self.counters["load_seconds"] += seconds
-        if ok:
-            self.counters["disk_hit_tokens"] += hit.length
-            self.counters["loaded_tokens"] += hit.length
-        else:
-            self.counters["load_failures"] += 1
+    def _count_load(self, job: LoadJob) -> None:
+        self.store.release(job.held)
+        length = job.hit.length
+        self._count("load_seconds", job.seconds)
+        if job.ok:
+            self._count("disk_hit_tokens", length)
+            self._count("loaded_tokens", length)
+        elif job.cancelled:
+            self._count("loads_cancelled", 1)
+        elif job.error is None:
+            self._count("load_failures", 1)
             logger.warning("kv tier: a chunk of a %d-token disk hit failed to load; "
-                           "recomputing it", hit.length)
+                           "recomputing it", length)
 
     # ----------------------------------------------------------------------- writes
 
@@ -305,6 +311,7 @@ class TierService:
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish copies and queued writes (up to ``timeout`` s for the writes)."""
+        self._loader.close(timeout)
         self._jobs.put(None)
         self._packer.join(timeout)
         self.store.close(timeout)

@@ -107,6 +107,16 @@ class ChunkStore:
             found += 1
         return found
 
+    def hold(self, keys: Sequence[str]) -> list[str]:
+        """Keep ``keys`` from eviction (and mark them most recently used) until
+        :meth:`release`: a hit found now is read later, on the loader thread. Returns the
+        keys held (those indexed)."""
+        return [key for key in keys if self._index.pin(check_key(key))]
+
+    def release(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._index.unpin(key)
+
     def load(self, keys: Sequence[str], token_ids: Sequence[TokenIds] | None = None,
              layout: ChunkLayout | None = None,
              out: Sequence[Destination | None] | None = None) -> list[torch.Tensor | None]:

@@ -99,7 +99,7 @@ def test_an_unexpected_error_at_each_point(servers, prompts, reference, tmp_path
         assert state == {}  # no tier at all
     else:
         assert state["active"] is False and state["healthy"] is False
-    assert again.cached_details.get("host", 0) == 0  # nothing served after the fault
+    assert again.cached_details.get("storage", 0) == 0  # nothing served after the fault
     if point == "load":  # the fault fired on a real disk hit, which was then recomputed
         assert state["chunks_written"] >= 4 and state["loaded_tokens"] == 0
 
@@ -113,7 +113,7 @@ def test_a_failing_start_up_scan_serves_read_only(servers, prompts, reference, t
     second = servers.start(config, faults_spec="scan:oserror")
     out = second.generate(prompts["other"], NEW_TOKENS)
     assert out.output_ids == reference["outputs"]["other"]
-    assert out.cached_details.get("host") == 1023  # read-only still serves what is there
+    assert out.cached_details.get("storage") == 1023  # read-only still serves what is there
     state = tier(second)
     assert state["writes_enabled"] is False and state["active"] is True
     assert len(log_lines(second, "cannot scan")) == 1

@@ -36,7 +36,7 @@ def test_restart_serves_the_prompt_from_disk(servers, prompts, reference, tmp_pa
     again = second.generate(prompts["long"], NEW_TOKENS)
     assert again.output_ids == reference["outputs"]["long"]
     assert again.cached_tokens == 2047  # everything SGLang may reuse, none of it on device
-    assert again.cached_details.get("host") == 2047
+    assert again.cached_details.get("storage") == 2047
     state = tier(second)
     assert state["loaded_tokens"] == 2047 and state["hits"] == 8 and state["misses"] == 0
     metrics = requests.get(f"{second.url}/metrics", timeout=30).text
@@ -155,7 +155,8 @@ def test_two_servers_share_one_tier(servers, prompts, reference, tmp_path):
     from_a = b.generate(prompts["other"], NEW_TOKENS)
     assert from_b.output_ids == reference["outputs"]["long"]
     assert from_a.output_ids == reference["outputs"]["other"]
-    assert from_b.cached_details.get("host") == 2047 and from_a.cached_details.get("host") == 1023
+    assert from_b.cached_details.get("storage") == 2047
+    assert from_a.cached_details.get("storage") == 1023
     assert tier(a)["discovered"] >= 8 and tier(b)["discovered"] >= 4
     folders = [p for p in (tmp_path / "tier").iterdir() if p.is_dir()]
     assert [p.name for p in folders] == ["tp0-of-1"]

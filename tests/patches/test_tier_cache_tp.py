@@ -80,3 +80,16 @@ def test_a_background_error_on_one_rank_is_agreed_at_the_next_lookup(ranks):
 def test_a_rank_without_a_tier_switches_it_off_everywhere(ranks):
     for r in both(ranks, "open_failure"):
         assert r == {"hit": 0, "active": False}
+
+
+def test_loads_in_the_background_are_admitted_in_the_same_round_on_every_rank(ranks):
+    r0, r1 = both(ranks, "async_uneven_ranks")
+    assert r0["rounds"] == r1["rounds"] > 0  # the fast rank waited for the slow one
+    for r in (r0, r1):
+        assert r["prefix"] == WHOLE and r["active"] and r["pending"] == 0
+
+
+def test_a_background_load_error_on_one_rank_means_recompute_on_both(ranks):
+    for r in both(ranks, "async_load_error"):
+        assert r == {"rounds": 0, "prefix": 0, "host_hit": 0, "active": False,
+                     "slots_returned": True}

@@ -6,6 +6,7 @@ SmolLM2-like KV shapes, small: enough to drive ``match_prefix`` / ``init_load_ba
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ LAYERS, HEADS, DIM, CHUNK, SLOTS = 2, 3, 16, 16, 1024
 
 
 def build(folder: Path, tp_rank: int = 0, tp_size: int = 1, group=None,
-          with_tier: bool = True) -> KVTierRadixCache:
+          with_tier: bool = True, read_limit: int | None = None) -> KVTierRadixCache:
     """A cache whose tier (if any) lives in ``folder``; the KV pool holds random values."""
     kv = MHATokenToKVPool(size=SLOTS, page_size=1, dtype=torch.float32, head_num=HEADS,
                           head_dim=DIM, layer_num=LAYERS, device="cpu",
@@ -42,7 +43,8 @@ def build(folder: Path, tp_rank: int = 0, tp_size: int = 1, group=None,
     if with_tier:
         fp = ModelFingerprint("harness", "float32", LAYERS, HEADS, DIM, tp_rank=tp_rank,
                               tp_size=tp_size)
-        store = ChunkStore(StoreConfig(folder, 1 << 30, admission="always"))
+        store = ChunkStore(StoreConfig(folder, 1 << 30, admission="always",
+                                       read_bandwidth_limit=read_limit))
         tier = TierService(store, fp, CHUNK, KVPool(list(kv.k_buffer), list(kv.v_buffer)))
     return KVTierRadixCache(params, tier, group)
 
@@ -57,8 +59,27 @@ def store_chunks(cache: KVTierRadixCache, tokens: list[int], chunks: int) -> Non
     assert tier.store.flush(30)
 
 
+class _Req(SimpleNamespace):
+    def init_next_round_input(self, cache: KVTierRadixCache) -> None:
+        # What SGLang's Req does each scheduling round: match the tree (and the tier).
+        self.host_hit_length, self.last_node = lookup(cache, self)
+        self.prefix_len = cache.match_prefix(MatchPrefixParams(key=RadixKey(
+            token_ids=list(self.full_untruncated_fill_ids)))).device_prefix_len
+
+
 def request(tokens: list[int], rid: str = "r"):
-    return SimpleNamespace(rid=rid, full_untruncated_fill_ids=list(tokens))
+    return _Req(rid=rid, full_untruncated_fill_ids=list(tokens))
+
+
+def admit(cache: KVTierRadixCache, req, max_rounds: int = 4000) -> int:
+    """Scheduling rounds as SGLang's adder runs them (match, then ``admit_now``) until the
+    request may be admitted; returns how many rounds it waited for its load."""
+    for rounds in range(max_rounds):
+        req.init_next_round_input(cache)
+        if cache.admit_now(req) is True:
+            return rounds
+        time.sleep(0.002)
+    raise AssertionError("the load never finished")
 
 
 def lookup(cache: KVTierRadixCache, req) -> tuple[int, object]:

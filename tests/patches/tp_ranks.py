@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
-from tier_cache_harness import CHUNK, build, load, lookup, request, store_chunks
+from tier_cache_harness import CHUNK, admit, build, load, lookup, request, store_chunks
 
 TIMEOUT = 20
 TOKENS = list(range(1000, 1000 + 4 * CHUNK + 1))
@@ -72,6 +72,31 @@ def scenario_open_failure(rank: int, folder: Path, group) -> dict:
         store_chunks(cache, TOKENS, 4)
     hit, _ = lookup(cache, request(TOKENS))
     return {"hit": hit, "active": cache._active}
+
+
+def scenario_async_uneven_ranks(rank: int, folder: Path, group) -> dict:
+    # Rank 1 reads about 20x slower: both must still admit the request in the same round.
+    chunk_bytes = 2 * 2 * 3 * 16 * 4 * CHUNK  # layers, k/v, heads, dim, float32, tokens
+    cache = build(folder, rank, 2, group, read_limit=None if rank == 0 else chunk_bytes * 20)
+    store_chunks(cache, TOKENS, 4)
+    req = request(TOKENS)
+    rounds = admit(cache, req)
+    req.init_next_round_input(cache)
+    return {"rounds": rounds, "prefix": req.prefix_len, "active": cache._active,
+            "pending": len(cache.loads_pending())}
+
+
+def scenario_async_load_error(rank: int, folder: Path, group) -> dict:
+    cache = build(folder, rank, 2, group)
+    store_chunks(cache, TOKENS, 4)
+    if rank == 0:
+        _fail_in(cache, "submit_load")
+    free = cache.token_to_kv_pool_allocator.available_size()
+    req = request(TOKENS)
+    rounds = admit(cache, req)
+    return {"rounds": rounds, "prefix": req.prefix_len, "host_hit": req.host_hit_length,
+            "active": cache._active,
+            "slots_returned": cache.token_to_kv_pool_allocator.available_size() == free}
 
 
 SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items()

@@ -12,6 +12,23 @@ from sgl_kvtier.tier.index import ChunkIndex
 CHUNK_FILE = file_size(LAYOUT.nbytes)
 
 
+def test_held_chunks_are_not_evicted_until_released(open_store):
+    # A hit found by the scheduler is read later on the loader thread: its chunks are held.
+    store = open_store(capacity_bytes=2 * CHUNK_FILE)
+    prompt = make_prompt(4)
+    prompt.put(store, [0, 1])
+    store.flush(10)
+    assert store.hold([prompt.keys[0], prompt.keys[3]]) == [prompt.keys[0]]  # what is there
+    store.load([prompt.keys[1]])  # 1 is now more recent than 0, but 0 is held
+    prompt.put(store, [2])
+    store.flush(10)
+    assert [k in store._index for k in prompt.keys[:3]] == [True, False, True]
+    store.release([prompt.keys[0]])
+    prompt.put(store, [3])
+    store.flush(10)
+    assert prompt.keys[0] not in store._index  # evictable again once released
+
+
 def test_eviction_removes_least_recently_used_first(open_store):
     store = open_store(capacity_bytes=3 * CHUNK_FILE)
     prompt = make_prompt(5)

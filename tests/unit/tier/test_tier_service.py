@@ -30,11 +30,11 @@ def service_pair(tmp_path):
     opened one after the other like a server and its restart."""
     made = []
 
-    def open_service(pool: KVPool) -> TierService:
+    def open_service(pool: KVPool, **store_options) -> TierService:
         for s in made:
             s.close()
         store = ChunkStore(StoreConfig(root=tmp_path / "tier", capacity_bytes=1 << 30,
-                                       admission="always"))
+                                       admission="always", **store_options))
         made.append(TierService(store, FP, C, pool, loads_in_flight=3))
         return made[-1]
 
@@ -183,3 +183,63 @@ def test_a_copy_thread_bug_is_reported_once_and_the_handle_comes_back(service_pa
         time.sleep(0.01)
     assert sorted(done) == ["a", "b"]
     assert isinstance(service.broken(), faults.InjectedFault)
+
+
+def throttled_hit(service_pair, chunks: int, chunks_per_s: float):
+    """A ``chunks``-chunk prompt written by one service, found by a second one whose reads
+    are throttled to about ``chunks_per_s`` chunks a second."""
+    tokens = torch.randint(0, 50_000, (chunks * C,))
+    src, src_slots = make_pool(0), torch.randperm(SLOTS)[:chunks * C]
+    write_through(service_pair(src), tokens, src_slots)
+    chunk_bytes = FP.chunk_layout(C).nbytes
+    dst = make_pool(1)
+    service = service_pair(dst, read_bandwidth_limit=int(chunk_bytes * chunks_per_s))
+    hit = service.find("", tokens, 0)
+    assert hit.length == chunks * C
+    return service, hit, src, src_slots, dst
+
+
+def wait_until(predicate, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_load_runs_in_the_background_and_shows_its_progress(service_pair):
+    service, hit, src, src_slots, dst = throttled_hit(service_pair, 8, chunks_per_s=16)
+    slots = torch.arange(200, 200 + hit.length)
+    job = service.submit_load(hit, slots)
+    assert not job.done() and job.chunks_done < job.chunks  # returned before the reads
+    seen = set()
+    while not job.done():
+        seen.add(job.chunks_done)
+        time.sleep(0.005)
+    assert job.ok and job.wait() and len(seen) >= 3  # progress moved chunk by chunk
+    assert torch.equal(kv_at(dst, slots), kv_at(src, src_slots))
+    assert service.stats()["loaded_tokens"] == hit.length
+
+
+def test_back_to_front_lands_the_last_chunk_first(service_pair):
+    service, hit, src, src_slots, dst = throttled_hit(service_pair, 8, chunks_per_s=16)
+    slots = torch.arange(200, 200 + hit.length)
+    before = kv_at(dst, slots)
+    job = service.submit_load(hit, slots, order="back")
+    wait_until(lambda: job.chunks_done >= 2)
+    now = kv_at(dst, slots)
+    assert torch.equal(now[:, :, -2 * C:], kv_at(src, src_slots[-2 * C:]))
+    assert torch.equal(now[:, :, :C], before[:, :, :C])  # the first chunk is not in yet
+    assert job.wait() and torch.equal(kv_at(dst, slots), kv_at(src, src_slots))
+
+
+def test_a_cancelled_load_stops_between_chunks(service_pair):
+    service, hit, src, src_slots, dst = throttled_hit(service_pair, 12, chunks_per_s=16)
+    slots = torch.arange(200, 200 + hit.length)
+    job = service.submit_load(hit, slots)
+    wait_until(lambda: job.chunks_done >= 2)
+    job.cancel()
+    assert not job.wait(30) and job.done() and job.cancelled
+    assert job.chunks_done < job.chunks  # it stopped early
+    stats = service.stats()
+    assert stats["loads_cancelled"] == 1 and stats["load_failures"] == 0
+    assert stats["loaded_tokens"] == 0
