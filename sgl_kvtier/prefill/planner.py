@@ -97,6 +97,10 @@ class MeetPlanner:
     # Taking a loading unit over must win by this factor: a near tie is not worth the
     # thrown-away I/O.
     TAKE_OVER_MARGIN = 1.25
+    # Computing alongside loading must be predicted to save this much (0.9: 10%) over
+    # leaving the rest to loading: where both sides share the machine (CPU cores, PCIe),
+    # each slows the other, which the rates measured alone do not show.
+    MIN_GAIN = 0.9
 
     def __init__(self, bounds: Sequence[int], compute_chunk: int, rates: RateBook,
                  now: float):
@@ -149,6 +153,10 @@ class MeetPlanner:
         # Past its expected time (or with no rate measured yet), a load is assumed to need
         # as long again as it has already taken: a stalled read is overtaken, not awaited.
         return expected - spent if expected is not None and spent < expected else spent
+
+    def _overdue(self, j: int, now: float) -> bool:
+        expected = self.rates.load.seconds(self._size(j))
+        return expected is None or now - self._load_started[j] > expected
 
     def _compute_position(self, now: float) -> float:
         """Where compute is expected to be now (inside its running chunk, if any)."""
@@ -212,7 +220,12 @@ class MeetPlanner:
             x_end = min(x, cap)
             return max((x_end - f) / rc, sum(in_flight) + (b - x_end) / rl), x_end
 
-        end = min(finish(x) for x in stops)[1]
+        best_time, end = min(finish(x) for x in stops)
+        # Leave it to loading only on a small gain, and never while a load is overdue (a
+        # stalled read must be overtaken by compute, not waited for).
+        if (f in stops and best_time > self.MIN_GAIN * finish(f)[0]
+                and not any(self._overdue(j, now) for j in self._load_started)):
+            return f  # computing would save too little to pay for sharing the machine
         return end
 
     def _should_take_over(self, unit: int, now: float) -> bool:

@@ -48,7 +48,7 @@ def simulate(bounds: list[int], chunk: int, compute: Duration, load: Duration,
     t, computing, loading, poll = 0.0, None, None, None
     out = SimResult(0.0, planner.report, [], [], [])
     loader_on = True
-    while True:
+    for _ in range(1_000_000):  # a policy that waits forever fails here, not hangs
         if computing is None and planner.done():
             break
         if computing is None and poll is None:
@@ -87,6 +87,8 @@ def simulate(bounds: list[int], chunk: int, compute: Duration, load: Duration,
             loading = None
         if poll is not None and poll <= t:
             poll = None
+    else:
+        raise RuntimeError(f"simulation made no progress by t={t:.3f}s: {planner.report}")
     out.seconds = t
     return out
 
