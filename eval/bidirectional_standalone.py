@@ -12,7 +12,7 @@ bidirectional prefix is checked: its next token equals the full computation's.
 
 On a CPU the two sides share the cores (loads verify checksums and copy), so the bound,
 which assumes independent resources, is not reachable here: the ratio to it says how much
-the sharing costs. Not the SGLang integration (issue 10 part 3, not built yet).
+the sharing costs. The same sweep inside the SGLang server: eval/bidirectional_server.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from sgl_kvtier.eval.prefill_sweep import HEADER, plot, row_text
 from sgl_kvtier.eval.records import provenance
 from sgl_kvtier.harness.models import model_path
 from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
@@ -156,42 +157,8 @@ def sweep(s: Setup, ratios: list[float]) -> list[dict]:
                      "both_over_bound": b["seconds"] / bound,
                      "both_over_best": b["seconds"] / min(c["seconds"], ld["seconds"]),
                      "correct": c["correct"] and ld["correct"] and b["correct"]})
-        print(_row(rows[-1]), flush=True)
+        print(row_text(rows[-1]), flush=True)
     return rows
-
-
-HEADER = ("| read cap (MB/s) | read (MB/s) | compute only (s) | load only (s) | bidirectional (s) "
-          "| bound (s) | bidir / bound | bidir / best single | split (tokens) | next token |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-
-
-def _row(r: dict) -> str:
-    cap = "none" if r["read_limit_mb_s"] is None else f"{r['read_limit_mb_s']:.0f}"
-    return (f"| {cap} | {r['measured_read_mb_s']:.0f} | {r['compute_s']:.2f} | {r['load_s']:.2f} "
-            f"| {r['both_s']:.2f} | {r['bound_s']:.2f} | {r['both_over_bound']:.2f} | "
-            f"{r['both_over_best']:.2f} | {r['split']} | "
-            f"{'same' if r['correct'] else 'DIFFERENT'} |")
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [r["measured_read_mb_s"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, label in (("compute_s", "compute only"), ("load_s", "load only"),
-                       ("both_s", "bidirectional"), ("bound_s", "bound T_c·T_l/(T_c+T_l)")):
-        ax.plot(x, [r[key] for r in rows], marker="o", label=label,
-                linestyle="--" if key == "bound_s" else "-")
-    ax.set_xscale("log")
-    ax.set_xlabel("tier read bandwidth, measured (MB/s)")
-    ax.set_ylabel("time to first token (s)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sweep(Setup(Path(folder), args.tokens, args.unit), args.ratios)
     (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
     (args.out / "table.md").write_text(title + "\n\n" + HEADER + "\n" +
-                                       "\n".join(_row(r) for r in rows) + "\n")
+                                       "\n".join(row_text(r) for r in rows) + "\n")
     plot(rows, args.out / "sweep.png", title)
     print(f"wrote {args.out / 'table.md'} and {args.out / 'sweep.png'}")
     return 0 if all(r["correct"] for r in rows) else 1

@@ -8,12 +8,10 @@ TierService`:
 
 - ``match_prefix``: a device hit is extended by the whole chunks found on disk (an index
   lookup, no I/O); SGLang sees them as ``host_hit_length``.
-- ``admit_now`` (asked by the prefill adder of ``patches/tier_loads.py`` before SGLang
-  admits a waiting request): a disk hit is given slots and submitted to the tier's loader
-  thread, and the request stays waiting while the scheduler keeps running other requests;
-  once its chunks are in they join the tree under the device prefix and the request is
-  admitted with them as its cached prefix. Any chunk failing its checksum makes the whole
-  hit a miss: the request is admitted without it and recomputes.
+- ``admit_now`` and ``compute_budget`` (``patches/tier_admission.py``, asked by the prefill
+  adder of ``patches/tier_loads.py``): a disk hit loads on the tier's loader thread while
+  the scheduler keeps serving, or, with ``prefill.enabled``, is computed from the front
+  while it loads from the back (``patches/tier_prefill.py``).
 - ``init_load_back``: the same load inside the scheduler step (``tier.async_load: false``,
   or a hit that reaches admission without the adder).
 - ``checkpoint``: write-through. Whole chunks of what the tree now holds are offered to the
@@ -44,9 +42,10 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
 from sgl_kvtier.patches._state import config_of
+from sgl_kvtier.patches.tier_admission import BackgroundLoads, PendingLoad, report_from_disk
 from sgl_kvtier.patches.tier_open import open_tier
+from sgl_kvtier.patches.tier_prefill import Bidirectional
 from sgl_kvtier.tier import faults
-from sgl_kvtier.tier.loader import LoadJob
 from sgl_kvtier.tier.service import DiskHit, TierService, namespace_of
 
 log = logging.getLogger("sgl_kvtier")
@@ -65,26 +64,18 @@ class _Marker:
     node: object  # the device prefix the hit continues
 
 
-@dataclass
-class _PendingLoad:
-    """A disk hit on the loader thread; its device prefix stays locked meanwhile."""
-
-    job: LoadJob
-    marker: _Marker
-    req: object
-
-
-class KVTierRadixCache(RadixCache):
+class KVTierRadixCache(BackgroundLoads, RadixCache):
     """``RadixCache`` whose misses may be served from the NVMe tier."""
 
     def __init__(self, params, tier: TierService | None, tp_group=None,
-                 async_load: bool = True):
+                 async_load: bool = True, prefill=None):
         self.tier, self._tp_group, self.async_load = tier, tp_group, async_load
+        self.bidir = Bidirectional(self, prefill) if prefill is not None and tier else None
         self._active = tier is not None  # agreed by all ranks: the tier is in use
         self._healthy = tier is not None  # this rank's own view, shared at the next agree
         self._markers: dict[str, _Marker] = {}
         self._offered: dict[str, int] = {}  # rid -> chunks already offered
-        self._loads: dict[str, _PendingLoad] = {}  # rid -> its disk hit, loading
+        self._loads: dict[str, PendingLoad] = {}  # rid -> its disk hit, loading
         self._no_disk: set[str] = set()  # rids whose disk hit failed: they recompute
         self._generation = 0  # bumped by reset(): pins from an older tree are dropped
         self._metrics = None
@@ -107,7 +98,8 @@ class KVTierRadixCache(RadixCache):
         result = super().match_prefix(params)
         rid = getattr(params.req, "rid", None)
         # The same on every rank: these sets change only on agreed decisions.
-        if not self._enabled_for(params.req) or rid in self._no_disk or rid in self._loads:
+        if (not self._enabled_for(params.req) or rid in self._no_disk or rid in self._loads
+                or (self.bidir is not None and rid in self.bidir.flights)):
             return result
         hit = None
         if self._healthy:
@@ -151,7 +143,7 @@ class KVTierRadixCache(RadixCache):
                     loaded = False
             everywhere, healthy = self._agree(int(loaded))
             if everywhere and healthy:
-                _report_from_disk(req, marker.hit)
+                report_from_disk(req, marker.hit)
                 return marker.hit.length, self._insert_loaded(node, marker, slots)
             if slots is not None:
                 self.token_to_kv_pool_allocator.free(slots)
@@ -178,96 +170,6 @@ class KVTierRadixCache(RadixCache):
         if duplicate > 0:  # part of the hit reached the device meanwhile: keep the tree's
             self.token_to_kv_pool_allocator.free(slots[:duplicate])
         return super().match_prefix(MatchPrefixParams(key=marker.key)).last_device_node
-
-    # ----------------------------------------------------- loads in the background
-
-    def admit_now(self, req, budget: int | None = None) -> bool | None:
-        """Whether SGLang may admit ``req`` this round (``patches/tier_loads.py`` asks just
-        before ``PrefillAdder.add_one_req``): True to admit it now; False while its disk
-        hit is loading (the request stays waiting, the scheduler runs the others); None
-        when the load does not fit this round (the adder stops, as on SGLang's NO_TOKEN).
-
-        ``budget`` is what the adder may still hand out this round (tokens): requests it
-        already admitted count on the pool's free slots, so a load starts only when its
-        slots and the request's own extend fit in what is left."""
-        if not (self.async_load and self._enabled_for(req)):
-            return True
-        pending = self._loads.get(req.rid)
-        if pending is not None:
-            return self._finish_load(req, pending)
-        marker = self._markers.get(req.rid)
-        if marker is None:
-            return True
-        fits, _ = self._agree(int(budget is None or self._need(marker.hit, req) <= budget))
-        return self._start_load(req, marker) if fits else None
-
-    def _start_load(self, req, marker: _Marker) -> bool:
-        job = slots = None
-        # Locked before making room (which may evict) until the loaded slots join the tree
-        # under it: the prefix the hit continues must stay.
-        self.inc_lock_ref(marker.node)
-        if self._healthy:
-            try:
-                slots = self._alloc(marker.hit, req)
-                job = slots is not None and self.tier.submit_load(marker.hit, slots)
-            except Exception:
-                self._fail("loading a prompt's chunks")
-        started, healthy = self._agree(int(bool(job)))
-        if started and healthy:
-            self._markers.pop(req.rid, None)
-            self._loads[req.rid] = _PendingLoad(job, marker, req)
-            return False
-        self.dec_lock_ref(marker.node)
-        self._drop(job, slots)
-        self._recompute(req)
-        return True
-
-    def _finish_load(self, req, pending: _PendingLoad) -> bool:
-        job = pending.job
-        done, _ = self._agree(int(job.done() or not self._healthy))
-        if not done:
-            return False
-        del self._loads[req.rid]
-        if job.done() and job.error is not None:
-            self._fail("loading a prompt's chunks in the background")
-        loaded, healthy = self._agree(int(bool(job.done() and job.ok)))
-        if loaded and healthy:
-            self._insert_loaded(pending.marker.node, pending.marker, job.slots)
-            self.dec_lock_ref(pending.marker.node)
-            req.init_next_round_input(self)  # its prefix now reaches past the loaded tokens
-            _report_from_disk(req, pending.marker.hit)
-            return True
-        self.dec_lock_ref(pending.marker.node)
-        self._drop(job, job.slots)
-        self._recompute(req)
-        return True
-
-    def _drop(self, job: LoadJob | None, slots: torch.Tensor | None) -> None:
-        if job:
-            job.cancel()
-            job.wait()  # nothing may write into the slots once they are free
-        if slots is not None:
-            self.token_to_kv_pool_allocator.free(slots)
-
-    def _recompute(self, req) -> None:
-        self._markers.pop(req.rid, None)
-        self._no_disk.add(req.rid)
-        req.init_next_round_input(self)  # no disk hit any more: SGLang computes it
-
-    def loads_pending(self) -> list[LoadJob]:
-        """Jobs still on the loader thread, in the order they run."""
-        return [p.job for p in self._loads.values()]
-
-    def release_aborted_request(self, handle) -> None:
-        """SGLang drops a request it aborted (e.g. a client that went away while its hit
-        was loading): stop the load and give its slots back."""
-        super().release_aborted_request(handle)
-        pending = self._loads.pop(handle.rid, None)
-        if pending is not None:
-            self.dec_lock_ref(pending.marker.node)
-            self._drop(pending.job, pending.job.slots)
-        self._markers.pop(handle.rid, None)
-        self._no_disk.discard(handle.rid)
 
     # --------------------------------------------------------------------- writes
 
@@ -297,6 +199,8 @@ class KVTierRadixCache(RadixCache):
         if self.tier is None:
             return
         try:
+            if self.bidir is not None:
+                self.bidir.free_retired()
             faults.hit("flush")
             for generation, node in self.tier.drain_written():
                 if generation == self._generation:
@@ -324,6 +228,8 @@ class KVTierRadixCache(RadixCache):
             self.tier.cancel_copies()
             for pending in self._loads.values():
                 self._drop(pending.job, None)  # the allocator is cleared with the tree
+            if self.bidir is not None:
+                self.bidir.reset()
         super().reset()
         if hasattr(self, "_markers"):  # RadixCache.__init__ calls reset() before ours ran
             self._generation += 1
@@ -337,6 +243,8 @@ class KVTierRadixCache(RadixCache):
         self._markers.pop(req.rid, None)
         self._offered.pop(req.rid, None)
         self._no_disk.discard(req.rid)
+        if self.bidir is not None and self.bidir.abort(req.rid):
+            self._no_disk.add(req.rid)  # retracted mid-prefill: it recomputes when back
 
     def release_host_resources(self) -> None:
         super().release_host_resources()
@@ -349,7 +257,8 @@ class KVTierRadixCache(RadixCache):
             return {}
         return {**self.tier.stats(), "active": self._active, "healthy": self._healthy,
                 "device_evicted_tokens": self.device_evicted_tokens,
-                "loads_pending": len(self._loads), "async_load": self.async_load}
+                "loads_pending": len(self._loads), "async_load": self.async_load,
+                "prefill": self.bidir.state() if self.bidir else {"enabled": False}}
 
     def _fail(self, what: str, trace: bool = True) -> None:
         """An unexpected error in the tier: log it once; this rank stops writing now and
@@ -377,19 +286,18 @@ class KVTierRadixCache(RadixCache):
         return (agreed, True) if healthy else (0, False)
 
 
-def _report_from_disk(req, hit: DiskHit) -> None:
-    # SGLang's per-request cache breakdown (cached_tokens_details) then counts these tokens
-    # as "storage", its name for the tier below host memory.
-    req.storage_hit_length, req.storage_hit_start = hit.length, hit.device_len
-
-
 def _factory(ctx):
     config = config_of(ctx.server_args)
     tier = None
     if config is not None and config.tier.enabled and not ctx.disable_radix_cache:
         tier = open_tier(ctx, config.tier)
     group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
-    cache = KVTierRadixCache(ctx.params, tier, group,
+    prefill = config.prefill if config is not None and config.prefill.enabled else None
+    if prefill is not None and group is not None:
+        log.warning("sgl_kvtier: bidirectional prefill needs a single tensor-parallel rank "
+                    "(its rounds follow this rank's clock); disk hits load whole instead")
+        prefill = None
+    cache = KVTierRadixCache(ctx.params, tier, group, prefill=prefill,
                              async_load=config is not None and config.tier.async_load)
     if tier is not None and ctx.params.enable_metrics:
         from sgl_kvtier.patches.tier_metrics import TierMetrics

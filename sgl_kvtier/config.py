@@ -103,7 +103,7 @@ class SparseConfig(_Section):
 
 # Features whose implementation has not landed yet. Enabling one is refused at parse time
 # rather than silently ignored.
-_NOT_YET = {"prefill": "bidirectional prefill", "sparse": "sparse decode"}
+_NOT_YET = {"sparse": "sparse decode"}
 
 
 class KVTierConfig(_Section):
@@ -155,6 +155,10 @@ def config_from_dict(data: Any, where: str = "<dict>") -> KVTierConfig:
         if name in _NOT_YET:
             raise ConfigError(f"kvtier config {where}: {name}.enabled: {_NOT_YET[name]} is "
                               f"not available in this version of sgl_kvtier; expected false")
+    if config.prefill.enabled and not (config.tier.enabled and config.tier.async_load):
+        need = "tier.enabled" if not config.tier.enabled else "tier.async_load"
+        raise ConfigError(f"kvtier config {where}: prefill.enabled: bidirectional prefill "
+                          f"loads from the NVMe tier in the background; it needs {need}: true")
     return config
 
 

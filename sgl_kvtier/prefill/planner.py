@@ -199,9 +199,12 @@ class MeetPlanner:
         return span
 
     def _compute_end(self, barrier: int, now: float) -> int:
-        """End of the next compute chunk: at most ``chunk`` tokens, never past the load
-        side, and, once both rates are known, at the unit boundary where both sides are
-        predicted to be done soonest (the front itself: leave it all to loading)."""
+        """End of the next compute chunk: at most ``chunk`` tokens (all the rest once nothing
+        more will load), never past the load side, and, once both rates are known, at the
+        unit boundary where both sides are predicted to be done soonest (the front itself:
+        leave it all to loading)."""
+        if self._loader_done and not self._load_started:
+            return barrier  # nothing more will load: the rest in one go, as the engine would
         cap = min(self.front + self.chunk, barrier)
         rc, rl = self.rates.compute.value, self.rates.load.value
         in_flight = [self._load_remaining(j, now) for j in self._load_started]
@@ -275,15 +278,17 @@ class MeetPlanner:
         compute_reaches_end = (self.bounds[j + 1] - self._compute_position(now)) / rate
         return load < compute_reaches_end
 
-    def load_done(self, j: int, ok: bool, now: float) -> None:
-        """Unit ``j`` finished loading: ``ok`` if its KV is in place and verified."""
+    def load_done(self, j: int, ok: bool, now: float, seconds: float | None = None) -> None:
+        """Unit ``j`` finished loading: ``ok`` if its KV is in place and verified.
+        ``seconds``: how long the load itself took, when loads queue behind each other
+        (else from :meth:`next_load` to ``now``)."""
         started = self._load_started.pop(j, None)
         if self._state[j] is not _Unit.LOADING:  # taken over meanwhile: its bytes are unused
             return
         if ok:
             self._state[j] = _Unit.LOADED
-            if started is not None:
-                self.rates.load.add(self._size(j), now - started)
+            if seconds is not None or started is not None:
+                self.rates.load.add(self._size(j), now - started if seconds is None else seconds)
             self.report.loaded_tokens += self._size(j)
             self.report.chunks_loaded += 1
         else:
@@ -295,6 +300,12 @@ class MeetPlanner:
 
     def loads_in_flight(self) -> list[int]:
         return sorted(self._load_started)
+
+    def stop_loading(self, now: float) -> None:
+        """The load side is gone (an error): units still loading are computed instead."""
+        self._loader_done = True
+        for j in self.loads_in_flight():
+            self.load_done(j, False, now)
 
     # ------------------------------------------------------------------ report
 

@@ -31,6 +31,12 @@ class LoadJob:
 
     ``order`` is ``"front"`` (first chunk first) or ``"back"`` (last chunk first: the order
     bidirectional prefill needs, loading the part compute reaches last).
+
+    With ``pick`` set, the job asks it for each next chunk instead (``None``: no more), and
+    reports every chunk to ``landed(i, ok, seconds)`` (``seconds``: since the chunk before
+    landed); ``depth()`` says how many reads may run at once (default one, overlapping the
+    copy of the chunk before). A bad chunk then does not end the job: the caller computes
+    those tokens instead.
     """
 
     hit: object  # a DiskHit
@@ -41,6 +47,9 @@ class LoadJob:
     error: BaseException | None = None  # an unexpected error (a bug), not a bad chunk
     seconds: float = 0.0
     held: list[str] = field(default_factory=list)  # chunk keys kept from eviction meanwhile
+    pick: Callable[[], int | None] | None = None
+    landed: Callable[[int, bool, float], None] | None = None
+    depth: Callable[[], int] | None = None  # reads in flight wanted now (picked mode)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -110,6 +119,8 @@ class Loader:
                 job._done.set()
 
     def _run(self, job: LoadJob) -> bool:
+        if job.pick is not None:
+            return self._run_picked(job)
         order = job.order_of_chunks()
         pending: deque[tuple[int, Future]] = deque()
         queued, ok = 0, True
@@ -130,3 +141,40 @@ class Loader:
             for _, future in pending:  # let the staging buffers go idle before reuse
                 future.result()
         return ok
+
+    def _run_picked(self, job: LoadJob) -> bool:
+        # Reads for the next chunks start once this one's read is done, while it is copied
+        # into the pool; how many run at once is the caller's ``depth`` (one while compute
+        # runs beside the loads: the planner's view of what is loading, and since when,
+        # stays the disk's).
+        pending: deque[tuple[int, Future, torch.Tensor]] = deque()
+        free = deque(self._staging)
+        last, more = time.perf_counter(), True
+        try:
+            more = self._pick_more(job, pending, free)
+            while pending:
+                i, future, buf = pending.popleft()
+                payload = future.result()
+                more = more and self._pick_more(job, pending, free)
+                ok = payload is not None and not job.cancelled
+                if ok:
+                    self._unpack(job, i, payload)
+                    job.chunks_done += 1
+                free.append(buf)
+                now = time.perf_counter()
+                job.landed(i, ok, now - last)  # in steady state: the time per chunk
+                last = now
+        finally:
+            for _, future, _ in pending:  # an error: let the staging buffers go idle first
+                future.result()
+        return not job.cancelled
+
+    def _pick_more(self, job: LoadJob, pending: deque, free: deque) -> bool:
+        """Start reads up to the job's depth; False once it wants no more."""
+        depth = job.depth() if job.depth is not None else 1
+        while len(pending) < max(depth, 1) and free:
+            if job.cancelled or (i := job.pick()) is None:
+                return False
+            buf = free.popleft()
+            pending.append((i, self._submit(job, i, buf), buf))
+        return True

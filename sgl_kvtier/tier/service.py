@@ -156,17 +156,21 @@ class TierService:
             raise job.error
         return bool(job.ok)
 
-    def submit_load(self, hit: DiskHit, slots: torch.Tensor, order: str = "front") -> LoadJob:
+    def submit_load(self, hit: DiskHit, slots: torch.Tensor, order: str = "front",
+                    pick=None, landed=None, depth=None) -> LoadJob:
         """Start filling ``slots`` with the hit's KV on the loader thread; returns at once.
 
         Reads run ``loads_in_flight`` chunks ahead of the copy into the pool. Poll
         ``job.done()``; then ``job.ok`` says whether every chunk verified (else recompute
         and free ``slots``), ``job.error`` holds an unexpected error. The slots must stay
-        allocated until the job is done, cancelled or not.
+        allocated until the job is done, cancelled or not. ``pick`` and ``landed``: the
+        caller chooses the chunks one by one, ``depth`` how many are read at once (see
+        :class:`~sgl_kvtier.tier.loader.LoadJob`), and it counts what it used.
         """
         faults.hit("load")
         # Found now, read later: the chunks must not be evicted from the disk meanwhile.
-        return self._loader.submit(LoadJob(hit, slots, order, held=self.store.hold(hit.keys)))
+        return self._loader.submit(LoadJob(hit, slots, order, held=self.store.hold(hit.keys),
+                                           pick=pick, landed=landed, depth=depth))
 
     def _submit_chunk(self, job: LoadJob, i: int, buf: torch.Tensor) -> Future:
         hit = job.hit
@@ -185,6 +189,8 @@ class TierService:
         self.store.release(job.held)
         length = job.hit.length
         self._count("load_seconds", job.seconds)
+        if job.pick is not None:
+            return  # chunk by chunk: the caller counts what it used
         if job.ok:
             self._count("disk_hit_tokens", length)
             self._count("loaded_tokens", length)

@@ -26,7 +26,8 @@ LAYERS, HEADS, DIM, CHUNK, SLOTS = 2, 3, 16, 16, 1024
 
 
 def build(folder: Path, tp_rank: int = 0, tp_size: int = 1, group=None,
-          with_tier: bool = True, read_limit: int | None = None) -> KVTierRadixCache:
+          with_tier: bool = True, read_limit: int | None = None,
+          prefill=None) -> KVTierRadixCache:
     """A cache whose tier (if any) lives in ``folder``; the KV pool holds random values."""
     kv = MHATokenToKVPool(size=SLOTS, page_size=1, dtype=torch.float32, head_num=HEADS,
                           head_dim=DIM, layer_num=LAYERS, device="cpu",
@@ -46,7 +47,7 @@ def build(folder: Path, tp_rank: int = 0, tp_size: int = 1, group=None,
         store = ChunkStore(StoreConfig(folder, 1 << 30, admission="always",
                                        read_bandwidth_limit=read_limit))
         tier = TierService(store, fp, CHUNK, KVPool(list(kv.k_buffer), list(kv.v_buffer)))
-    return KVTierRadixCache(params, tier, group)
+    return KVTierRadixCache(params, tier, group, prefill=prefill)
 
 
 def store_chunks(cache: KVTierRadixCache, tokens: list[int], chunks: int) -> None:

@@ -88,10 +88,20 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert "(top level): expected a mapping" in message
 
 
-@pytest.mark.parametrize("section", ["prefill", "sparse"])
-def test_features_not_built_yet_are_refused(section):
-    with pytest.raises(ConfigError, match=f"{section}.enabled: .* not available"):
-        config_from_dict({section: {"enabled": True}})
+def test_features_not_built_yet_are_refused():
+    with pytest.raises(ConfigError, match="sparse.enabled: .* not available"):
+        config_from_dict({"sparse": {"enabled": True}})
+
+
+def test_bidirectional_prefill_needs_the_tier_and_background_loads():
+    with pytest.raises(ConfigError, match="prefill.enabled: .* needs tier.enabled: true"):
+        config_from_dict({"prefill": {"enabled": True}})
+    with pytest.raises(ConfigError, match="prefill.enabled: .* needs tier.async_load: true"):
+        config_from_dict({"prefill": {"enabled": True},
+                          "tier": {"enabled": True, "async_load": False}})
+    config = config_from_dict({"prefill": {"enabled": True, "min_prefix_tokens": 512},
+                               "tier": {"enabled": True}})
+    assert config.features() == ["tier", "prefill"] and config.prefill.min_prefix_tokens == 512
 
 
 def test_tier_settings():

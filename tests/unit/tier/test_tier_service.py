@@ -243,3 +243,29 @@ def test_a_cancelled_load_stops_between_chunks(service_pair):
     stats = service.stats()
     assert stats["loads_cancelled"] == 1 and stats["load_failures"] == 0
     assert stats["loaded_tokens"] == 0
+
+
+def test_a_picked_load_reads_what_it_is_asked_and_survives_a_bad_chunk(service_pair):
+    """Bidirectional prefill's mode: the caller picks each chunk, a corrupt one is reported
+    (the caller computes it) without ending the job, and nothing is counted for it."""
+    service, hit, src, src_slots, dst = throttled_hit(service_pair, 6, chunks_per_s=200)
+    victim = next(p for p in service.store.root.rglob("*.kvc") if p.stem == hit.keys[3])
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0x40
+    victim.write_bytes(bytes(data))
+    wanted, landed = [5, 3, 1], []
+    slots = torch.arange(200, 200 + hit.length)
+    before = kv_at(dst, slots)
+    job = service.submit_load(hit, slots, pick=lambda: wanted.pop(0) if wanted else None,
+                              landed=lambda i, ok, s: landed.append((i, ok, s)))
+    assert job.wait(30)  # not cancelled: the job itself succeeded
+    assert [(i, ok) for i, ok, _ in landed] == [(5, True), (3, False), (1, True)]
+    assert all(s > 0 for _, _, s in landed) and job.chunks_done == 2
+    now = kv_at(dst, slots)
+    for i in range(6):
+        part = slice(i * C, (i + 1) * C)
+        expected = kv_at(src, src_slots[part]) if i in (5, 1) else before[:, :, part]
+        assert torch.equal(now[:, :, part], expected), i
+    stats = service.stats()
+    assert stats["loaded_tokens"] == 0 and stats["load_failures"] == 0  # the caller counts
+    assert stats["checksum_failures"] == 1
