@@ -39,7 +39,6 @@ def report_from_disk(req, hit) -> None:
 class BackgroundLoads:
     """Mixed into ``KVTierRadixCache`` (which provides the tree, the tier and ``_agree``)."""
 
-
     def admit_now(self, req, budget: int | None = None) -> bool | None:
         """Whether SGLang may admit ``req`` this round (``patches/tier_loads.py`` asks just
         before ``PrefillAdder.add_one_req``): True to admit it now; False while its disk

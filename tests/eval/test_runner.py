@@ -80,9 +80,13 @@ def test_server_that_cannot_start(tmp_path, capsys):
 
 def test_ctrl_c_stops_the_server_and_marks_the_run_incomplete(tmp_path):
     (tmp_path / "small.yaml").write_text(SMALL.replace("RESTART", "false"))
+    # A shell that starts a job in the background (`cmd &` without job control) has it
+    # ignore SIGINT, and the runner would inherit that: give it the default disposition, as
+    # a terminal does, so the Ctrl-C below lands however the tests were started.
     proc = subprocess.Popen([sys.executable, "-m", "sgl_kvtier.eval", "run",
                              str(tmp_path / "small.yaml"), "--out", str(tmp_path / "runs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     records = None
     while time.monotonic() < deadline and proc.poll() is None:
