@@ -57,10 +57,6 @@ class PrefixSession:
         self._waiting = False  # the last round computed nothing: loads have the machine
 
     @property
-    def tokens(self) -> int:
-        return self.planner.n
-
-    @property
     def report(self) -> PlanReport:
         return self.planner.report
 
