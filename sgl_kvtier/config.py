@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 __all__ = ["KVTierConfig", "TierConfig", "PrefillConfig", "SparseConfig", "ConfigError",
            "load_config", "parse_size"]
@@ -89,16 +96,38 @@ class PrefillConfig(_Section):
 
 
 class SparseConfig(_Section):
-    """Sparse decode: low-rank keys and landmarks on device, values in host memory."""
+    """Sparse decode: low-rank keys and landmarks on device, values in host memory.
+
+    Sizes are relative to the model and the context (a fraction with a floor and a cap), so
+    one file fits a 135M model with 192 key dimensions per layer and an 8B one with 1,024:
+    ShadowKV's absolute rank 160 and 2,048-token budget are fractions of 1,024 dimensions and
+    128k tokens. :mod:`sgl_kvtier.sparse.budget` turns them into numbers per request.
+    """
 
     enabled: bool = False
-    min_context_tokens: int = Field(4096, gt=0, description="shorter contexts stay dense")
-    token_budget: int = Field(2048, gt=0, description="selected tokens per KV head per step")
-    chunk_tokens: int = Field(8, gt=0, description="tokens per landmark chunk")
-    rank: int = Field(160, gt=0, description="rank of the pre-RoPE key factorisation")
-    outlier_chunks: int = Field(48, ge=0)
-    local_tokens: int = Field(32, ge=0, description="most recent tokens kept dense")
-    kernel: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
+    min_context_tokens: int = Field(2048, gt=0, description="shorter contexts stay dense")
+    chunk_tokens: int = Field(8, gt=0, le=64, description="tokens per landmark chunk")
+    budget_fraction: float = Field(0.06, gt=0, le=1, description=(
+        "tokens selected per KV head per step, as a fraction of the context"))
+    budget_min_tokens: int = Field(256, gt=0, description="floor of the selected tokens")
+    budget_max_tokens: int = Field(4096, gt=0, description="cap of the selected tokens")
+    rank_fraction: float = Field(0.25, gt=0, le=1, description=(
+        "rank of the joint pre-RoPE key factors, as a fraction of KV heads x head dim"))
+    rank_min: int = Field(32, gt=0, description="floor of that rank")
+    outlier_fraction: float = Field(0.01, ge=0, le=1, description=(
+        "chunks kept dense (least like their landmark), as a fraction of the chunks"))
+    outlier_min_chunks: int = Field(4, ge=0, description="floor of the outlier chunks")
+    sink_tokens: int = Field(16, ge=0, description="first tokens kept dense")
+    local_tokens: int = Field(64, ge=0, description="last prompt tokens kept dense")
+    kernel: Literal["auto", "torch", "triton", "flashinfer"] = Field("auto", description=(
+        "auto: FlashInfer + Triton where a GPU has them, PyTorch elsewhere"))
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.budget_max_tokens < self.budget_min_tokens:
+            raise ValueError(f"budget_max_tokens ({self.budget_max_tokens}) is below "
+                             f"budget_min_tokens ({self.budget_min_tokens})")
+        return self
 
 
 # Features whose implementation has not landed yet. Enabling one is refused at parse time

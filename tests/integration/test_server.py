@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):",
                 "List three colours of the rainbow:", "Once upon a time, in a small village,"]
-KVTIER_YAML = "tier:\n  chunk_tokens: 128\n  capacity: 3GiB\nsparse:\n  token_budget: 1024\n"
+KVTIER_YAML = "tier:\n  chunk_tokens: 128\n  capacity: 3GiB\nsparse:\n  budget_min_tokens: 128\n"
 
 
 @pytest.fixture(scope="module")

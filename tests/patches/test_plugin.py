@@ -199,7 +199,7 @@ def test_version_drift_without_the_flag_only_warns():
 
 def test_flags_work_from_sglangs_own_config_file(tmp_path):
     kvtier_yaml = tmp_path / "kvtier.yaml"
-    kvtier_yaml.write_text("sparse:\n  rank: 64\n")
+    kvtier_yaml.write_text("sparse:\n  rank_min: 64\n")
     server_yaml = tmp_path / "server.yaml"
     server_yaml.write_text(f"model-path: m\nenable-kvtier: true\nkvtier-config: {kvtier_yaml}\n")
     out = python(f"""
@@ -207,6 +207,6 @@ def test_flags_work_from_sglangs_own_config_file(tmp_path):
         from sglang.srt.server_args import prepare_server_args
         load_plugins()
         args = prepare_server_args(["--config", "{server_yaml}", "--device", "cpu"])
-        print(args.attention_backend, args._kvtier["config"]["sparse"]["rank"])
+        print(args.attention_backend, args._kvtier["config"]["sparse"]["rank_min"])
     """)
     assert out.stdout.strip().splitlines()[-1] == "kvtier 64", out.stderr[-2000:]

@@ -23,7 +23,7 @@ def error_for(path) -> str:
 def test_defaults_without_a_file():
     config = load_config(None)
     assert config == KVTierConfig()
-    assert config.tier.chunk_tokens == 256 and config.sparse.token_budget == 2048
+    assert config.tier.chunk_tokens == 256 and config.sparse.budget_fraction == 0.06
     assert config.features() == []
 
 
@@ -33,11 +33,11 @@ def test_empty_file_gives_defaults(tmp_path):
 
 def test_valid_file_overrides_only_what_it_names(tmp_path):
     path = write(tmp_path, "tier:\n  chunk_tokens: 128\n  capacity: 2GiB\n"
-                           "sparse:\n  token_budget: 1024\n  kernel: torch\n")
+                           "sparse:\n  budget_min_tokens: 128\n  kernel: torch\n")
     config = load_config(path)
     assert config.tier.chunk_tokens == 128
     assert config.tier.capacity == 2 * 2**30
-    assert config.sparse.token_budget == 1024 and config.sparse.kernel == "torch"
+    assert config.sparse.budget_min_tokens == 128 and config.sparse.kernel == "torch"
     assert config.prefill == KVTierConfig().prefill
 
 

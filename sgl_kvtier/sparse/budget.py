@@ -1,0 +1,80 @@
+"""Turn the relative ``sparse`` settings into numbers for one model and one context.
+
+ShadowKV states its sizes for Llama-3-8B at 128k: rank 160 of 1,024 key dimensions per
+layer, 2,048 selected tokens (1.56 %), 48 outlier chunks of 8. A 135M model with 3 KV heads
+of 64 has 192 key dimensions, and a 4k context is a 32nd of 128k, so the same absolute
+numbers would keep every dimension and select most of the context. Fractions with floors
+and caps carry the method across shapes; the floors are what a small context needs to keep
+a needle's chunk among the candidates at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sgl_kvtier.config import SparseConfig
+
+__all__ = ["SparsePlan", "plan_for"]
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """Sizes of one request's sparse state (all in tokens unless named otherwise).
+
+    The prompt of ``context`` tokens splits into ``[sink | middle | local]``; the middle is
+    ``chunks`` chunks of ``chunk`` tokens. Per KV head per step, ``selected_chunks`` of the
+    middle are attended besides the ``outlier_chunks`` kept dense.
+    """
+
+    context: int
+    chunk: int
+    sink: int
+    local: int
+    chunks: int
+    rank: int
+    selected_chunks: int
+    outlier_chunks: int
+
+    @property
+    def middle(self) -> int:
+        return self.chunks * self.chunk
+
+    @property
+    def selected(self) -> int:
+        """Tokens selected per KV head per step."""
+        return self.selected_chunks * self.chunk
+
+    @property
+    def dense(self) -> int:
+        """Tokens each KV head attends densely from the sparse state (sink and outliers)."""
+        return self.sink + self.outlier_chunks * self.chunk
+
+    @property
+    def attended(self) -> int:
+        """Prompt tokens attended per KV head per step (selected, dense and local)."""
+        return self.selected + self.dense + self.local
+
+
+def plan_for(config: SparseConfig, context: int, num_kv_heads: int, head_dim: int) -> SparsePlan:
+    """Sizes for a prompt of ``context`` tokens on a model with ``num_kv_heads x head_dim``.
+
+    The local window takes whatever does not fill a whole chunk, so the middle is whole
+    chunks. Raises ``ValueError`` when the context leaves no middle chunk to select from.
+    """
+    c = config.chunk_tokens
+    sink = min(config.sink_tokens, context)
+    chunks = max(context - sink - config.local_tokens, 0) // c
+    local = context - sink - chunks * c
+    if chunks == 0:
+        raise ValueError(f"a {context}-token context has no chunk between its "
+                         f"{sink} sink and {local} local tokens")
+    width = num_kv_heads * head_dim
+    rank = min(width, chunks * c, max(config.rank_min, math.ceil(config.rank_fraction * width)))
+    budget = min(max(config.budget_fraction * context, config.budget_min_tokens),
+                 config.budget_max_tokens)
+    outliers = min(chunks, max(config.outlier_min_chunks,
+                               math.ceil(config.outlier_fraction * chunks)))
+    selected = min(chunks - outliers, math.ceil(budget / c))
+    return SparsePlan(context=context, chunk=c, sink=sink, local=local, chunks=chunks,
+                      rank=rank, selected_chunks=selected, outlier_chunks=outliers)

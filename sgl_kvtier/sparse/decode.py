@@ -1,0 +1,91 @@
+"""One sparse decode step over a batch: select, refresh the workspace, attend, merge.
+
+A step is planned once (:class:`SparseStep`: the page table of every (request, KV head)
+region) and run per layer. Per layer, each request selects its chunks and brings its
+workspace region up to date; one paged attention covers every region
+(``[sink | outliers | selected]``); the caller's dense tail (the local window and every
+generated token, which stay in the KV pool) is attended separately and the two states merge
+exactly. The tail has no length limit, so neither has the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sgl_kvtier.attention.merge import merge_attention_states, partial_attention
+from sgl_kvtier.sparse.paged import PageTable, flatten_queries, paged_decode, region_table
+from sgl_kvtier.sparse.request import SparseRequest
+
+__all__ = ["SparseStep", "PagedAttention", "merge_tail"]
+
+# (q (R, G, D), k_cache (slots, D), v_cache (slots, D), table, scale) -> (out, lse) float32
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PageTable, float],
+                          tuple[torch.Tensor, torch.Tensor]]
+
+
+class SparseStep:
+    """One decode step of the sparse requests of a batch.
+
+    Parameters
+    ----------
+    requests : sequence of SparseRequest
+        All on the same workspace.
+    attend : PagedAttention
+        The paged decode to run per layer (PyTorch, Triton or FlashInfer, same arrays).
+    """
+
+    def __init__(self, requests: Sequence[SparseRequest], attend: PagedAttention = paged_decode):
+        assert requests, "a sparse step needs at least one sparse request"
+        self.requests = list(requests)
+        self.workspace = requests[0].workspace
+        self.heads = requests[0].heads
+        starts = torch.cat([r.starts for r in requests])
+        lengths = torch.cat([torch.full((r.heads,), r.region) for r in requests])
+        self.table = region_table(starts, lengths.to(starts.device))
+        self.attend = attend
+
+    def run(self, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``q (B, H_q, D)`` over each request's sparse prompt state at ``layer``.
+
+        Returns
+        -------
+        out : torch.Tensor
+            ``(B, H_q, D)`` float32.
+        lse : torch.Tensor
+            ``(B, H_q)`` float32 (natural log).
+        """
+        for b, request in enumerate(self.requests):
+            request.step(layer, q[b], scale)
+        ws = self.workspace
+        out, lse = self.attend(flatten_queries(q, self.heads), ws.k[layer], ws.v[layer],
+                               self.table, scale)
+        return out.view(q.shape[0], q.shape[1], -1), lse.view(q.shape[0], q.shape[1])
+
+
+def merge_tail(q: torch.Tensor, sparse: tuple[torch.Tensor, torch.Tensor],
+               tail_k: torch.Tensor, tail_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Merge one request's sparse state with attention over its dense tail.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(H_q, D)``.
+    sparse : (out, lse)
+        ``(H_q, D)`` and ``(H_q,)`` from :meth:`SparseStep.run`, this request's row.
+    tail_k, tail_v : torch.Tensor
+        ``(T, H, D)`` the local window and generated tokens (``T >= 1``: the current token).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(H_q, D)`` float32.
+    """
+    h = tail_k.shape[1]
+    g = q.shape[0] // h
+    qf = q.view(h, g, -1)
+    out, lse = partial_attention(qf, tail_k.transpose(0, 1), tail_v.transpose(0, 1), scale)
+    merged, _ = merge_attention_states([sparse[0].view(h, g, -1), out],
+                                       [sparse[1].view(h, g), lse])
+    return merged.reshape(q.shape[0], -1)

@@ -1,0 +1,136 @@
+"""The CSR page table of a sparse decode step, and attention over it in PyTorch.
+
+FlashInfer's batch decode reads, for row ``i``, the pages ``indices[indptr[i]:indptr[i+1]]``
+in order, all full except the last, which holds ``last_page_len[i]`` tokens. Sparse decode
+gives every KV head of every request its own selection, and FlashInfer gives every row one
+page list for all its KV heads, so the KV heads are flattened into the rows: row
+``b * H + h`` is KV head ``h`` of request ``b``, with one KV head and the ``G`` query heads
+of its group (``q (B, H*G, D)`` viewed as ``(B*H, G, D)``, no copy).
+
+:func:`paged_decode_ref` is the row-by-row reference; :func:`paged_decode` computes the same
+in one padded batch (the CPU path); the Triton kernel and FlashInfer read the same arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sgl_kvtier.attention.merge import partial_attention_ref
+
+__all__ = ["PageTable", "region_table", "flatten_queries", "paged_decode", "paged_decode_ref",
+           "row_tokens"]
+
+
+@dataclass(frozen=True)
+class PageTable:
+    """A paged KV cache's CSR page table (int32, as FlashInfer takes it).
+
+    Attributes
+    ----------
+    indptr : torch.Tensor
+        ``(R + 1,)`` row ``i``'s pages are ``indices[indptr[i]:indptr[i+1]]``.
+    indices : torch.Tensor
+        ``(nnz,)`` page ids.
+    last_page_len : torch.Tensor
+        ``(R,)`` tokens in each row's last page, in ``[1, page_size]``.
+    page_size : int
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    last_page_len: torch.Tensor
+    page_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.indptr.numel() - 1
+
+    def lengths(self) -> torch.Tensor:
+        """``(R,)`` int64 tokens per row."""
+        pages = (self.indptr[1:] - self.indptr[:-1]).long()
+        return (pages - 1) * self.page_size + self.last_page_len.long()
+
+
+def region_table(starts: torch.Tensor, lengths: torch.Tensor | int,
+                 page_size: int = 1) -> PageTable:
+    """Table of rows that each read consecutive slots: row ``i`` reads ``lengths[i]`` slots
+    from ``starts[i]`` (``starts (R,)``; ``lengths`` an int or ``(R,)``).
+
+    With ``page_size > 1`` every start must be a multiple of it (page ``p`` is slots
+    ``p*page_size ..``).
+    """
+    lengths = torch.as_tensor(lengths, device=starts.device).long().expand(starts.shape)
+    assert bool((lengths > 0).all()) and bool((starts % page_size == 0).all()), page_size
+    pages = -(-lengths // page_size)  # [R]
+    indptr = torch.zeros(starts.numel() + 1, dtype=torch.long, device=starts.device)
+    indptr[1:] = pages.cumsum(0)
+    row = torch.repeat_interleave(torch.arange(starts.numel(), device=starts.device), pages)
+    offset = torch.arange(int(indptr[-1]), device=starts.device) - indptr[row]
+    indices = starts.long()[row] // page_size + offset
+    last = lengths - (pages - 1) * page_size
+    return PageTable(indptr.int(), indices.int(), last.int(), page_size)
+
+
+def row_tokens(table: PageTable, row: int) -> torch.Tensor:
+    """Slot ids (``page * page_size + offset``) row ``row`` reads, in order, int64."""
+    pages = table.indices[table.indptr[row]:table.indptr[row + 1]].long()
+    slots = (pages[:, None] * table.page_size
+             + torch.arange(table.page_size, device=pages.device)).flatten()
+    return slots[:int(table.lengths()[row])]
+
+
+def flatten_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(B, H*G, D) -> (B*H, G, D)``, a view: query heads of a group are adjacent."""
+    b, h_q, d = q.shape
+    return q.view(b * num_kv_heads, h_q // num_kv_heads, d)
+
+
+def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each row's queries over its pages, one row at a time.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(R, G, D)``.
+    k_cache, v_cache : torch.Tensor
+        ``(slots, D)``: pages of ``page_size`` consecutive slots, one KV head.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``(R, G, D)`` float32.
+    lse : torch.Tensor
+        ``(R, G)`` float32, natural-log log-sum-exp of the scaled scores.
+    """
+    outs, lses = [], []
+    for row in range(table.rows):
+        slots = row_tokens(table, row)
+        o, s = partial_attention_ref(q[row], k_cache[slots], v_cache[slots], scale)
+        outs.append(o)
+        lses.append(s)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_ref` for all rows in one batch (rows padded to the longest)."""
+    lengths = table.lengths()
+    width = int(lengths.max())
+    pages_per_row = -(-width // table.page_size)
+    counts = (table.indptr[1:] - table.indptr[:-1]).long()
+    page_pos = torch.arange(pages_per_row, device=q.device)
+    gather = (table.indptr[:-1, None].long() + page_pos).clamp(max=table.indices.numel() - 1)
+    pages = table.indices.long()[gather]  # [R, P]
+    slots = (pages[:, :, None] * table.page_size
+             + torch.arange(table.page_size, device=q.device)).flatten(1)[:, :width]
+    valid = torch.arange(width, device=q.device) < lengths[:, None]
+    valid &= (page_pos[:, None].expand(-1, table.page_size).flatten()[:width] < counts[:, None])
+    slots = slots.masked_fill(~valid, 0)
+    k, v = k_cache[slots].float(), v_cache[slots].float()  # [R, W, D]
+    scores = (q.float() @ k.transpose(1, 2)) * scale  # [R, G, W]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    return (scores - lse[..., None]).exp() @ v, lse

@@ -1,0 +1,46 @@
+"""Which chunks each KV head attends at one decode step.
+
+A chunk's landmark stands for its keys. Each query head takes the softmax of its scores
+over the chunks; a KV head keeps a chunk if *any* query head of its group wants it (max over
+the group, as ShadowKV does), then the ``k`` best chunks per KV head are selected. Heads
+select independently: a needle seen by one head need not be paid for by all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["chunk_scores", "select_chunks"]
+
+
+def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Per-KV-head chunk scores: the softmax over chunks, max over the GQA group.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(H_q, D)`` one decode step's queries (post-RoPE).
+    landmarks : torch.Tensor
+        ``(H, N, D)``; ``H_q`` is a multiple of ``H``, query head ``i`` reads KV head
+        ``i // (H_q // H)``.
+    selectable : torch.Tensor
+        ``(H, N)`` bool; other chunks score zero and are left out of the softmax.
+    scale : float
+        The attention's softmax scale.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(H, N)`` float32 in ``[0, 1]``.
+    """
+    h, n, d = landmarks.shape
+    g = q.shape[0] // h
+    logits = q.float().view(h, g, d) @ landmarks.float().transpose(1, 2) * scale  # [H, G, N]
+    logits = logits.masked_fill(~selectable[:, None, :], float("-inf"))
+    return logits.softmax(-1).amax(1)
+
+
+def select_chunks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best chunks per KV head, ``(H, k)`` int64 ascending (``scores (H, N)``)."""
+    return scores.topk(k, dim=1).indices.sort(dim=1).values

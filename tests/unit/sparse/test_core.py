@@ -1,0 +1,194 @@
+"""The sparse decode core against dense attention, in plain PyTorch on CPU."""
+
+import math
+
+import pytest
+import torch
+
+from sgl_kvtier.attention.dense import decode_attention
+from sgl_kvtier.config import SparseConfig
+from sgl_kvtier.sparse.budget import plan_for
+from sgl_kvtier.sparse.decode import SparseStep, merge_tail
+from sgl_kvtier.sparse.paged import paged_decode, paged_decode_ref, region_table
+from sgl_kvtier.sparse.request import SparseRequest, assign_slots
+from sgl_kvtier.sparse.rope import Rotary, inv_freq, rotary_from_config
+from sgl_kvtier.sparse.select import chunk_scores, select_chunks
+from sgl_kvtier.sparse.state import build_layer_state, low_rank_keys
+from sgl_kvtier.sparse.workspace import SparseWorkspace, WorkspaceFull
+
+H, G, D = 3, 3, 64
+ROT = Rotary(D, inv_freq(D, 100000.0))
+
+
+def _prompt(t, layers=2, seed=0):
+    """Post-RoPE keys with structure (a few directions per head) and random values."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(layers):
+        basis = torch.randn(8, H * D, generator=gen)
+        k_pre = (torch.randn(t, 8, generator=gen) @ basis).view(t, H, D)
+        k_pre += 0.05 * torch.randn(t, H, D, generator=gen)
+        k = ROT.apply(k_pre, torch.arange(t))
+        out.append((k, torch.randn(t, H, D, generator=gen)))
+    return out
+
+
+def _sparse(kv, config, ws_slots=20000):
+    plan = plan_for(config, kv[0][0].shape[0], H, D)
+    states = [build_layer_state(k, v, plan, ROT) for k, v in kv]
+    ws = SparseWorkspace(len(kv), D, ws_slots, dtype=torch.float32)
+    return plan, SparseRequest(states, plan, ws, ROT)
+
+
+def test_rope_inverts_exactly_and_matches_rotate_half():
+    x = torch.randn(50, H, D, dtype=torch.float64).float()
+    pos = torch.arange(1000, 1050)
+    assert torch.allclose(ROT.invert(ROT.apply(x, pos), pos), x, atol=1e-5)
+    # Independent formula: x*cos + rotate_half(x)*sin with the full-width angle table.
+    angle = pos[:, None].double() * ROT.inv_freq
+    cos, sin = torch.cat([angle.cos()] * 2, -1)[:, None], torch.cat([angle.sin()] * 2, -1)[:, None]
+    half = torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1)
+    assert torch.allclose(ROT.apply(x, pos), (x * cos + half * sin).float(), atol=1e-5)
+
+
+def test_llama3_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 500000.0}
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128,
+                         rope_parameters=scaling, max_position_embeddings=131072)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = rotary_from_config({"head_dim": 128, "rope_theta": 500000.0, "rope_scaling": scaling})
+    assert torch.allclose(ours.inv_freq.float(), theirs.float(), rtol=1e-5)
+    assert not torch.allclose(ours.inv_freq, inv_freq(128, 500000.0))  # scaling took effect
+
+
+def test_unsupported_rope_scaling_is_named():
+    with pytest.raises(ValueError, match="'yarn'"):
+        rotary_from_config({"head_dim": 64, "rope_scaling": {"rope_type": "yarn"}})
+
+
+def test_low_rank_factors_reconstruct_at_full_rank_and_truncate_by_energy():
+    k = torch.randn(200, H, D)
+    u, sv = low_rank_keys(k, H * D)
+    assert torch.allclose(torch.einsum("tr,hrd->thd", u, sv), k, atol=1e-4)
+    u8, sv8 = low_rank_keys(k, 8)
+    assert u8.shape == (200, 8) and sv8.shape == (H, 8, D)
+
+
+def test_plan_is_relative_with_floors_and_caps():
+    config = SparseConfig(budget_fraction=0.03, budget_min_tokens=64, budget_max_tokens=2048,
+                          rank_fraction=0.25, rank_min=16, sink_tokens=16, local_tokens=64)
+    small = plan_for(config, 4096, 3, 64)
+    assert small.rank == 48 and small.selected == math.ceil(0.03 * 4096 / 8) * 8
+    assert small.sink + small.middle + small.local == 4096 and small.local >= 64
+    big = plan_for(config, 131072, 8, 128)
+    assert big.rank == 256 and big.selected == 2048  # capped
+    tiny = plan_for(config, 600, 3, 64)
+    assert tiny.selected == 64  # the floor
+
+
+def test_workspace_allocator_reuses_and_coalesces():
+    ws = SparseWorkspace(1, 4, 100)
+    a, b, c = ws.allocate(30), ws.allocate(30), ws.allocate(30)
+    with pytest.raises(WorkspaceFull):
+        ws.allocate(20)
+    ws.release(a)
+    ws.release(b)
+    assert ws.allocate(60) == 0 and ws.used_slots == 90
+    ws.release(c)
+
+
+def test_assign_slots_keeps_held_chunks_in_place():
+    held = torch.tensor([[5, 9, 2, -1], [1, 2, 3, 4]])
+    new = torch.tensor([[2, 5, 7, 11], [1, 2, 3, 4]])
+    slot, miss = assign_slots(held, new)
+    assert slot[0, 0] == 2 and slot[0, 1] == 0 and miss[0].tolist() == [False, False, True, True]
+    assert sorted(slot[0].tolist()) == [0, 1, 2, 3] and set(slot[0, 2:].tolist()) == {1, 3}
+    assert not miss[1].any() and slot[1].tolist() == [0, 1, 2, 3]
+    for seed in range(20):  # random: always a permutation, hits never move
+        gen = torch.Generator().manual_seed(seed)
+        held = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in range(4)])
+        new = torch.stack([torch.randperm(40, generator=gen)[:10] for _ in range(4)])
+        slot, miss = assign_slots(held, new)
+        assert (slot.sort(1).values == torch.arange(10)).all()
+        assert (held.gather(1, slot)[~miss] == new[~miss]).all()
+
+
+def test_selection_takes_the_max_over_the_query_group():
+    landmarks = torch.zeros(1, 6, 4)
+    landmarks[0, 4, 0] = landmarks[0, 1, 1] = 1.0
+    q = torch.zeros(2, 4)
+    q[0, 0], q[1, 1] = 20.0, 5.0  # head 0 wants chunk 4 strongly, head 1 chunk 1 mildly
+    scores = chunk_scores(q, landmarks, torch.ones(1, 6, dtype=torch.bool), 1.0)
+    assert select_chunks(scores, 2).tolist() == [[1, 4]]
+    blocked = torch.ones(1, 6, dtype=torch.bool)
+    blocked[0, 4] = False
+    assert 4 not in select_chunks(chunk_scores(q, landmarks, blocked, 1.0), 2).tolist()[0]
+
+
+def test_table_over_the_workspace_matches_dense_attention_over_the_same_selection():
+    ws = SparseWorkspace(1, D, 400, dtype=torch.float32)
+    ws.k.normal_()
+    ws.v.normal_()
+    starts, lengths = torch.tensor([0, 70, 140, 250]), torch.tensor([70, 33, 100, 1])
+    q = torch.randn(4, G, D)
+    for page in (1, 2):
+        if page == 2:
+            lengths = torch.tensor([70, 34, 100, 2])
+        table = region_table(starts, lengths, page)
+        out, lse = paged_decode(q, ws.k[0], ws.v[0], table, D ** -0.5)
+        ref, ref_lse = paged_decode_ref(q, ws.k[0], ws.v[0], table, D ** -0.5)
+        assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+        for row, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            dense = torch.softmax(q[row] @ ws.k[0, a:a + n].T * D ** -0.5, -1) @ ws.v[0, a:a + n]
+            assert torch.allclose(out[row], dense, atol=1e-5)
+
+
+def _dense_step(kv, layer, q, tail):
+    k, v = kv[layer]
+    k = torch.cat([k, tail[0]])
+    v = torch.cat([v, tail[1]])
+    return decode_attention(q[None], k, v, D ** -0.5)[0]
+
+
+def test_full_budget_full_rank_is_dense_attention():
+    kv = _prompt(1000)
+    config = SparseConfig(budget_fraction=1.0, budget_max_tokens=100000, rank_fraction=1.0,
+                          sink_tokens=4, local_tokens=20, outlier_min_chunks=3)
+    plan, request = _sparse(kv, config)
+    assert plan.selected_chunks + plan.outlier_chunks == plan.chunks
+    step = SparseStep([request])
+    gen = torch.Generator().manual_seed(1)
+    for layer in range(2):
+        q = torch.randn(1, H * G, D, generator=gen)
+        tail_k = torch.cat([kv[layer][0][-plan.local:], torch.randn(3, H, D, generator=gen)])
+        tail_v = torch.cat([kv[layer][1][-plan.local:], torch.randn(3, H, D, generator=gen)])
+        out, lse = step.run(layer, q, D ** -0.5)
+        got = merge_tail(q[0], (out[0], lse[0]), tail_k, tail_v, D ** -0.5)
+        want = _dense_step([(k[:-plan.local], v[:-plan.local]) for k, v in kv], layer, q[0],
+                           (tail_k, tail_v))
+        assert torch.allclose(got, want, atol=2e-4), (got - want).abs().max()
+
+
+def test_small_budget_finds_a_planted_needle_and_reuses_held_chunks():
+    kv = _prompt(2000, layers=1)
+    k, v = kv[0]
+    needle = 1000
+    q = torch.randn(H * G, D)
+    # Keys and queries are both post-RoPE: a key along head 1's queries scores high there.
+    k[needle, 1] = 50 * q[G:2 * G].mean(0)
+    config = SparseConfig(budget_fraction=0.02, budget_min_tokens=16, rank_fraction=1.0,
+                          sink_tokens=4, local_tokens=16, outlier_fraction=0.0,
+                          outlier_min_chunks=0)
+    plan, request = _sparse([(k, v)], config)
+    step = SparseStep([request])
+    step.run(0, q[None], D ** -0.5)
+    chunk = (needle - plan.sink) // plan.chunk
+    assert chunk in request.held[0, 1].tolist()
+    missed = request.stats.missed_chunks
+    step.run(0, q[None], D ** -0.5)
+    assert request.stats.missed_chunks == missed  # same query: every chunk was a hit
+    assert request.stats.hit_rate == 0.5
