@@ -110,11 +110,11 @@ class SparseConfig(_Section):
     budget_fraction: float = Field(0.06, gt=0, le=1, description=(
         "tokens selected per KV head per step, as a fraction of the context"))
     budget_min_tokens: int = Field(256, gt=0, description="floor of the selected tokens")
-    budget_max_tokens: int = Field(4096, gt=0, description="cap of the selected tokens")
-    rank_fraction: float = Field(0.25, gt=0, le=1, description=(
+    budget_max_tokens: int = Field(2048, gt=0, description="cap of the selected tokens")
+    rank_fraction: float = Field(0.16, gt=0, le=1, description=(
         "rank of the joint pre-RoPE key factors, as a fraction of KV heads x head dim"))
     rank_min: int = Field(32, gt=0, description="floor of that rank")
-    outlier_fraction: float = Field(0.01, ge=0, le=1, description=(
+    outlier_fraction: float = Field(0.003, ge=0, le=1, description=(
         "chunks kept dense (least like their landmark), as a fraction of the chunks"))
     outlier_min_chunks: int = Field(4, ge=0, description="floor of the outlier chunks")
     sink_tokens: int = Field(16, ge=0, description="first tokens kept dense")

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from sgl_kvtier.config import SparseConfig
 
-__all__ = ["SparsePlan", "plan_for"]
+__all__ = ["SparsePlan", "plan_for", "ALIGN_CHUNKS"]
+
+ALIGN_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -47,24 +49,34 @@ class SparsePlan:
 
     @property
     def dense(self) -> int:
-        """Tokens each KV head attends densely from the sparse state (sink and outliers)."""
-        return self.sink + self.outlier_chunks * self.chunk
+        """Prompt tokens each KV head attends densely (sink, outliers and local window)."""
+        return self.sink + self.outlier_chunks * self.chunk + self.local
 
     @property
     def attended(self) -> int:
-        """Prompt tokens attended per KV head per step (selected, dense and local)."""
-        return self.selected + self.dense + self.local
+        """Prompt tokens attended per KV head per step (selected and dense)."""
+        return self.selected + self.dense
+
+    @property
+    def shared(self) -> int:
+        """Tokens the shareable state covers (sink and middle); the local window is the
+        request's own."""
+        return self.sink + self.middle
 
 
 def plan_for(config: SparseConfig, context: int, num_kv_heads: int, head_dim: int) -> SparsePlan:
     """Sizes for a prompt of ``context`` tokens on a model with ``num_kv_heads x head_dim``.
 
-    The local window takes whatever does not fill a whole chunk, so the middle is whole
-    chunks. Raises ``ValueError`` when the context leaves no middle chunk to select from.
+    The local window is at least ``local_tokens`` and takes what does not fill whole
+    groups of :data:`ALIGN_CHUNKS` chunks. Raises ``ValueError`` when the context leaves
+    no middle chunk to select from.
     """
     c = config.chunk_tokens
     sink = min(config.sink_tokens, context)
-    chunks = max(context - sink - config.local_tokens, 0) // c
+    # The middle ends on a multiple of ALIGN_CHUNKS chunks, so prompts that share a
+    # document and differ in a short question share the state of the document.
+    align = c * ALIGN_CHUNKS
+    chunks = max(context - sink - config.local_tokens, 0) // align * align // c
     local = context - sink - chunks * c
     if chunks == 0:
         raise ValueError(f"a {context}-token context has no chunk between its "

@@ -3,9 +3,9 @@
 A step is planned once (:class:`SparseStep`: the page table of every (request, KV head)
 region) and run per layer. Per layer, each request selects its chunks and brings its
 workspace region up to date; one paged attention covers every region
-(``[sink | outliers | selected]``); the caller's dense tail (the local window and every
-generated token, which stay in the KV pool) is attended separately and the two states merge
-exactly. The tail has no length limit, so neither has the output.
+(``[sink | outliers | local | selected]``: the whole prompt as the request sees it); the
+caller's tail (every generated token, which stays in the KV pool) is attended separately and
+the two states merge exactly. The tail has no length limit, so neither has the output.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def merge_tail(q: torch.Tensor, sparse: tuple[torch.Tensor, torch.Tensor],
     sparse : (out, lse)
         ``(H_q, D)`` and ``(H_q,)`` from :meth:`SparseStep.run`, this request's row.
     tail_k, tail_v : torch.Tensor
-        ``(T, H, D)`` the local window and generated tokens (``T >= 1``: the current token).
+        ``(T, H, D)`` the generated tokens (``T >= 1``: at least the current token).
 
     Returns
     -------

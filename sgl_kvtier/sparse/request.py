@@ -50,10 +50,13 @@ class SparseRequest:
         Where this request's ``H`` regions of ``plan.dense + plan.selected`` slots go.
     rotary : Rotary
         The model's rotation, to rebuild keys at their positions.
+    local : list of (k, v)
+        Per layer, ``(plan.local, H, D)`` post-RoPE keys and values of the prompt's last
+        tokens (the request's own, never shared).
     """
 
     def __init__(self, layers: list[LayerState], plan: SparsePlan, workspace: SparseWorkspace,
-                 rotary: Rotary):
+                 rotary: Rotary, local: list[tuple[torch.Tensor, torch.Tensor]]):
         self.layers, self.plan, self.workspace, self.rotary = layers, plan, workspace, rotary
         self.heads = layers[0].sv.shape[0]
         self.region = plan.dense + plan.selected
@@ -63,16 +66,21 @@ class SparseRequest:
         self.held = torch.full((len(layers), self.heads, plan.selected_chunks), -1,
                                dtype=torch.long, device=device)
         self.stats = StepStats()
-        for index, state in enumerate(layers):
-            self._write_dense(index, state)
+        for index, (state, (k, v)) in enumerate(zip(layers, local, strict=True)):
+            assert k.shape[0] == plan.local, (k.shape, plan.local)
+            self._write_dense(index, state, k, v)
 
     def release(self) -> None:
         """Give the workspace region back (the request finished or went dense)."""
         self.workspace.release(self.base)
 
-    def _write_dense(self, layer: int, state: LayerState) -> None:
-        k = torch.cat([state.sink_k, state.outlier_k], dim=1)  # [H, dense, D]
-        v = torch.cat([state.sink_v, state.outlier_v], dim=1)
+    def _write_dense(self, layer: int, state: LayerState, local_k: torch.Tensor,
+                     local_v: torch.Tensor) -> None:
+        dev = state.sink_k.device
+        local_k = local_k.transpose(0, 1).to(device=dev, dtype=state.sink_k.dtype)
+        local_v = local_v.transpose(0, 1).to(device=dev, dtype=state.sink_v.dtype)
+        k = torch.cat([state.sink_k, state.outlier_k, local_k], dim=1)  # [H, dense, D]
+        v = torch.cat([state.sink_v, state.outlier_v, local_v], dim=1)
         slots = self.starts[:, None] + torch.arange(self.plan.dense, device=self.starts.device)
         self.workspace.k[layer, slots] = k.to(self.workspace.k.dtype)
         self.workspace.v[layer, slots] = v.to(self.workspace.v.dtype)

@@ -1,9 +1,10 @@
 """The sparse state of one prompt in one layer: what decode keeps instead of its KV.
 
 Built once after prefill from the layer's post-RoPE keys and values (what the KV pool
-holds). The prompt splits into ``[sink | middle | local]`` (:class:`SparsePlan`); the local
-window stays with the caller (it is the tail of the request's slots, followed by the
-generated tokens). The state keeps, per layer:
+holds). The prompt splits into ``[sink | middle | local]`` (:class:`SparsePlan`); the state
+covers the sink and the middle, which prompts with the same document share; the local
+window (where prompts differ: the question) belongs to each request. The state keeps, per
+layer:
 
 - on the device: the sink's K/V; the middle's pre-RoPE keys as joint low-rank factors
   ``U (M, r)`` (shared by the KV heads) and ``SV (H_kv, r, D)``; one landmark per chunk and
@@ -82,8 +83,8 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
     Parameters
     ----------
     k, v : torch.Tensor
-        ``(T, H, D)`` with ``T >= plan.sink + plan.middle``; token ``t`` is at position
-        ``t`` (only the first ``sink + middle`` tokens are read).
+        ``(T, H, D)`` with ``T >= plan.shared``; token ``t`` is at position ``t`` (only
+        the first ``plan.shared`` tokens are read).
     plan : SparsePlan
         Sizes from :func:`sgl_kvtier.sparse.budget.plan_for`.
     rotary : Rotary

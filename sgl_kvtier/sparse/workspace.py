@@ -1,11 +1,11 @@
 """The device buffers sparse decode attends over: one region of slots per (request, KV head).
 
-A region holds ``[sink | outliers | selected chunks]`` of one KV head, for every layer at
-the same offsets, so a decode step's page table is the same for all layers (planned once,
-run per layer). Slot ``t`` of layer ``l`` is ``k[l, t]`` / ``v[l, t]``, each ``(D,)``: the
-buffers seen as ``(slots, 1, D)`` are a paged KV cache with pages of one token and one KV
-head, which is what FlashInfer's batch decode reads with the KV heads flattened into the
-batch.
+A region holds ``[sink | outliers | local window | selected chunks]`` of one KV head, for
+every layer at the same offsets, so a decode step's page table is the same for all layers
+(planned once, run per layer). Slot ``t`` of layer ``l`` is ``k[l, t]`` / ``v[l, t]``, each
+``(D,)``: the buffers seen as ``(slots, 1, D)`` are a paged KV cache with pages of one token
+and one KV head, which is what FlashInfer's batch decode reads with the KV heads flattened
+into the batch.
 """
 
 from __future__ import annotations

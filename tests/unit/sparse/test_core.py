@@ -37,7 +37,8 @@ def _sparse(kv, config, ws_slots=20000):
     plan = plan_for(config, kv[0][0].shape[0], H, D)
     states = [build_layer_state(k, v, plan, ROT) for k, v in kv]
     ws = SparseWorkspace(len(kv), D, ws_slots, dtype=torch.float32)
-    return plan, SparseRequest(states, plan, ws, ROT)
+    local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]
+    return plan, SparseRequest(states, plan, ws, ROT, local)
 
 
 def test_rope_inverts_exactly_and_matches_rotate_half():
@@ -83,7 +84,8 @@ def test_plan_is_relative_with_floors_and_caps():
                           rank_fraction=0.25, rank_min=16, sink_tokens=16, local_tokens=64)
     small = plan_for(config, 4096, 3, 64)
     assert small.rank == 48 and small.selected == math.ceil(0.03 * 4096 / 8) * 8
-    assert small.sink + small.middle + small.local == 4096 and small.local >= 64
+    assert small.sink + small.middle + small.local == 4096 and 64 <= small.local < 64 + 128
+    assert plan_for(config, 4100, 3, 64).shared == small.shared  # a longer question: shared
     big = plan_for(config, 131072, 8, 128)
     assert big.rank == 256 and big.selected == 2048  # capped
     tiny = plan_for(config, 600, 3, 64)
@@ -147,29 +149,22 @@ def test_table_over_the_workspace_matches_dense_attention_over_the_same_selectio
             assert torch.allclose(out[row], dense, atol=1e-5)
 
 
-def _dense_step(kv, layer, q, tail):
-    k, v = kv[layer]
-    k = torch.cat([k, tail[0]])
-    v = torch.cat([v, tail[1]])
-    return decode_attention(q[None], k, v, D ** -0.5)[0]
-
-
 def test_full_budget_full_rank_is_dense_attention():
     kv = _prompt(1000)
     config = SparseConfig(budget_fraction=1.0, budget_max_tokens=100000, rank_fraction=1.0,
                           sink_tokens=4, local_tokens=20, outlier_min_chunks=3)
     plan, request = _sparse(kv, config)
     assert plan.selected_chunks + plan.outlier_chunks == plan.chunks
+    assert plan.local >= 20 and plan.shared + plan.local == 1000
     step = SparseStep([request])
     gen = torch.Generator().manual_seed(1)
     for layer in range(2):
         q = torch.randn(1, H * G, D, generator=gen)
-        tail_k = torch.cat([kv[layer][0][-plan.local:], torch.randn(3, H, D, generator=gen)])
-        tail_v = torch.cat([kv[layer][1][-plan.local:], torch.randn(3, H, D, generator=gen)])
+        new_k, new_v = torch.randn(3, H, D, generator=gen), torch.randn(3, H, D, generator=gen)
         out, lse = step.run(layer, q, D ** -0.5)
-        got = merge_tail(q[0], (out[0], lse[0]), tail_k, tail_v, D ** -0.5)
-        want = _dense_step([(k[:-plan.local], v[:-plan.local]) for k, v in kv], layer, q[0],
-                           (tail_k, tail_v))
+        got = merge_tail(q[0], (out[0], lse[0]), new_k, new_v, D ** -0.5)
+        k, v = torch.cat([kv[layer][0], new_k]), torch.cat([kv[layer][1], new_v])
+        want = decode_attention(q, k, v, D ** -0.5)[0]
         assert torch.allclose(got, want, atol=2e-4), (got - want).abs().max()
 
 
