@@ -9,7 +9,8 @@ fetched, into the slots the dropped chunks leave.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -30,7 +31,11 @@ class StepStats:
     selected_chunks: int = 0
     missed_chunks: int = 0
     gathered_bytes: int = 0
-    extra: dict = field(default_factory=dict)
+    select_seconds: float = 0.0
+
+    def add(self, other: StepStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
     def hit_rate(self) -> float:
@@ -94,8 +99,11 @@ class SparseRequest:
             ``(H_q, D)`` the request's post-RoPE query at this layer.
         """
         state = self.layers[layer]
+        start = time.perf_counter()
         scores = chunk_scores(q, state.landmarks, state.selectable, scale)
-        self.refresh(layer, select_chunks(scores, self.plan.selected_chunks))
+        chunks = select_chunks(scores, self.plan.selected_chunks)
+        self.stats.select_seconds += time.perf_counter() - start
+        self.refresh(layer, chunks)
 
     def refresh(self, layer: int, chunks: torch.Tensor) -> None:
         """Hold exactly ``chunks (H, k)`` in ``layer``'s selected slots."""

@@ -1,0 +1,60 @@
+"""The ``sparse.kernel`` choice: which paged decode consumes the page table.
+
+``auto`` takes FlashInfer where a CUDA device and FlashInfer are present, else the Triton
+kernel where a CUDA device and Triton are, else PyTorch (:func:`paged_decode`). On a CPU
+``triton`` runs the kernel in Triton's interpreter: correct, and far too slow to serve
+(tests use it); ``flashinfer`` is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from sgl_kvtier.sparse.paged import paged_decode
+
+__all__ = ["resolve_kernel", "KernelUnavailable"]
+
+log = logging.getLogger("sgl_kvtier")
+
+
+class KernelUnavailable(ValueError):
+    """The configured ``sparse.kernel`` cannot run on this host."""
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_kernel(kernel: str, device: torch.device | str):
+    """``(name, paged_attention)`` for the ``sparse.kernel`` setting on ``device``.
+
+    Raises
+    ------
+    KernelUnavailable
+        Naming ``sparse.kernel``, when the choice cannot run here.
+    """
+    cuda = torch.device(device).type == "cuda"
+    if kernel == "auto":
+        kernel = ("flashinfer" if cuda and _has("flashinfer") else
+                  "triton" if cuda and _has("triton") else "torch")
+    if kernel == "torch":
+        return "torch", paged_decode
+    if kernel == "flashinfer":
+        if not (cuda and _has("flashinfer")):
+            raise KernelUnavailable(
+                f"sparse.kernel: flashinfer needs a CUDA device and the flashinfer package; "
+                f"this server runs on {device} (use auto or torch)")
+        from sgl_kvtier.sparse.flashinfer_decode import FlashInferDecode
+        return "flashinfer", FlashInferDecode(torch.device(device))
+    if kernel == "triton":
+        if not _has("triton"):
+            raise KernelUnavailable("sparse.kernel: triton is not installed (use auto)")
+        from sgl_kvtier.sparse.triton_ops import paged_decode_triton
+        if not cuda:
+            log.warning("sgl_kvtier: sparse.kernel triton on %s runs in Triton's "
+                        "interpreter (correct, very slow)", device)
+        return "triton", paged_decode_triton
+    raise KernelUnavailable(f"sparse.kernel: unknown kernel {kernel!r}")

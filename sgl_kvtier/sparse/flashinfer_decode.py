@@ -1,0 +1,58 @@
+"""FlashInfer's batch decode over the sparse page table (GPU only).
+
+The rows of :class:`PageTable` are (request, KV head) pairs, so the wrapper is planned with
+one KV head and the ``G`` query heads of a group; the workspace buffers ``(slots, D)`` are
+viewed as NHD pages ``(slots / page_size, page_size, 1, D)`` without a copy. A step plans
+once (the table is the same object for every layer) and runs per layer.
+
+FlashInfer returns its log-sum-exp in base 2; it is converted to the natural log the rest
+of the project merges with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sgl_kvtier.sparse.paged import PageTable
+
+__all__ = ["FlashInferDecode"]
+
+_WORKSPACE_BYTES = 128 * 2**20
+
+
+class FlashInferDecode:
+    """A :data:`~sgl_kvtier.sparse.decode.PagedAttention` backed by FlashInfer.
+
+    Parameters
+    ----------
+    device : torch.device
+        A CUDA device.
+    """
+
+    def __init__(self, device: torch.device):
+        import flashinfer  # imported here: its import costs ~2 s and a GPU is needed anyway
+
+        self._buffer = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # Tensor cores take any GQA group size (the CUDA-core kernel only 1,2,3,4,6,8,16).
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._buffer, "NHD", use_tensor_cores=True)
+        self._planned: tuple | None = None
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q (R, G, D)``, ``k_cache/v_cache (slots, D)`` -> ``out (R, G, D)``, ``lse (R, G)``,
+        float32."""
+        r, g, d = q.shape
+        key = (id(table), g, d, q.dtype, k_cache.dtype, scale)
+        if self._planned != key:
+            self._wrapper.plan(table.indptr, table.indices, table.last_page_len,
+                               num_qo_heads=g, num_kv_heads=1, head_dim=d,
+                               page_size=table.page_size, q_data_type=q.dtype,
+                               kv_data_type=k_cache.dtype, sm_scale=scale)
+            self._planned = key
+        p = table.page_size
+        pages = (k_cache.view(-1, p, 1, d), v_cache.view(-1, p, 1, d))
+        out, lse = self._wrapper.run(q, pages, return_lse=True)
+        return out.float(), lse.float() * math.log(2.0)

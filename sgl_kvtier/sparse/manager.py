@@ -1,0 +1,199 @@
+"""Sparse decode's bookkeeping for a server: which requests are sparse, shared prompt
+states, the workspace, and the counters the server reports.
+
+No SGLang here: the adapter (``patches/sparse_backend.py``) tells the manager what it sees
+(a request's id, its tokens, a way to read its KV from the pool) and asks for a
+:class:`SparseStep` per decode batch.
+
+Prompt states are shared by content: two requests whose first ``plan.shared`` tokens are
+equal (the same document, with a question in the local window) get the same
+:class:`LayerState` list, built once. A state lives while a request uses it, plus in a
+small cache of recently released ones, so a request that arrives right after another with
+the same document reuses it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sgl_kvtier.config import SparseConfig
+from sgl_kvtier.sparse.budget import SparsePlan, plan_for
+from sgl_kvtier.sparse.decode import PagedAttention, SparseStep
+from sgl_kvtier.sparse.paged import paged_decode
+from sgl_kvtier.sparse.request import SparseRequest, StepStats
+from sgl_kvtier.sparse.rope import Rotary
+from sgl_kvtier.sparse.state import LayerState, build_layer_state
+from sgl_kvtier.sparse.workspace import SparseWorkspace, WorkspaceFull
+
+__all__ = ["SparseManager", "SparseCounters"]
+
+log = logging.getLogger("sgl_kvtier")
+
+# (layer) -> (k, v), each (T, H, D): the request's prompt KV as the pool holds it.
+ReadLayer = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+_KEEP_RELEASED = 4  # unreferenced prompt states kept for a request that comes right after
+
+
+@dataclass
+class SparseCounters:
+    """What ``/get_server_info`` and the Prometheus metrics show."""
+
+    requests: int = 0
+    active: int = 0
+    shared_hits: int = 0
+    pool_tokens_released: int = 0
+    refused_workspace_full: int = 0
+    steps: int = 0
+    build_seconds: float = 0.0
+    finished: StepStats = field(default_factory=StepStats)
+
+
+@dataclass
+class _Shared:
+    layers: list[LayerState]
+    users: int = 0
+
+    def host_bytes(self) -> int:
+        return sum(s.nbytes()["values"] for s in self.layers)
+
+    def device_bytes(self) -> int:
+        return sum(sum(s.nbytes().values()) - s.nbytes()["values"] for s in self.layers)
+
+
+class SparseManager:
+    """Sparse requests of one server (one model, one device).
+
+    Parameters
+    ----------
+    config : SparseConfig
+        The ``sparse`` section.
+    rotary : Rotary
+        The model's rotation.
+    num_layers, num_kv_heads, head_dim : int
+        The attention shape.
+    workspace_slots : int
+        Capacity of the shared workspace: slots of one token and one KV head (the buffers
+        are ``(num_layers, slots, head_dim)``, keys and values).
+    dtype, device
+        Of the device-side buffers.
+    attend : PagedAttention
+        The paged decode (see :func:`sgl_kvtier.sparse.backend.resolve_kernel`).
+    """
+
+    def __init__(self, config: SparseConfig, rotary: Rotary, num_layers: int,
+                 num_kv_heads: int, head_dim: int, workspace_slots: int,
+                 dtype: torch.dtype, device: torch.device | str,
+                 attend: PagedAttention = paged_decode):
+        self.config, self.rotary = config, rotary
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.workspace = SparseWorkspace(num_layers, head_dim, workspace_slots, dtype, device)
+        self.attend = attend
+        self.device = torch.device(device)
+        self.requests: dict[str, SparseRequest] = {}
+        self._keys: dict[str, str] = {}
+        self._shared: OrderedDict[str, _Shared] = OrderedDict()
+        self.counters = SparseCounters()
+
+    def wants(self, context: int) -> bool:
+        """Whether a request with ``context`` tokens before its current one goes sparse."""
+        return context >= self.config.min_context_tokens
+
+    def plan(self, context: int) -> SparsePlan:
+        return plan_for(self.config, context, self.shape[1], self.shape[2])
+
+    def convert(self, rid: str, tokens: Sequence[int], read_layer: ReadLayer) -> bool:
+        """Make request ``rid`` sparse over its ``len(tokens)`` tokens so far.
+
+        Returns False (the request stays dense) when the workspace has no room for it.
+        """
+        start = time.perf_counter()
+        plan = self.plan(len(tokens))
+        key = _key(tokens[:plan.shared], plan)
+        kv = [read_layer(layer) for layer in range(self.shape[0])]
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = _Shared([build_layer_state(k, v, plan, self.rotary, self.device)
+                              for k, v in kv])
+        else:
+            self.counters.shared_hits += 1
+        local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]
+        try:
+            request = SparseRequest(shared.layers, plan, self.workspace, self.rotary, local)
+        except WorkspaceFull as e:
+            self.counters.refused_workspace_full += 1
+            log.warning("sgl_kvtier: sparse decode: request %s stays dense: %s", rid, e)
+            return False
+        self._shared[key] = shared
+        self._shared.move_to_end(key)
+        shared.users += 1
+        self.requests[rid], self._keys[rid] = request, key
+        c = self.counters
+        c.requests += 1
+        c.active = len(self.requests)
+        c.build_seconds += time.perf_counter() - start
+        self._trim()
+        return True
+
+    def finish(self, rid: str) -> None:
+        """Request ``rid`` ended (or left sparse decode): free its region, unshare."""
+        request = self.requests.pop(rid, None)
+        if request is None:
+            return
+        request.release()
+        self.counters.finished.add(request.stats)
+        shared = self._shared[self._keys.pop(rid)]
+        shared.users -= 1
+        self.counters.active = len(self.requests)
+        self._trim()
+
+    def step(self, rids: Sequence[str]) -> SparseStep:
+        """The decode step of these sparse requests, in this order."""
+        self.counters.steps += 1
+        return SparseStep([self.requests[r] for r in rids], self.attend)
+
+    def host_bytes(self) -> int:
+        return sum(s.host_bytes() for s in self._shared.values())
+
+    def device_bytes(self) -> int:
+        """Shared states on the device plus the workspace buffers."""
+        return sum(s.device_bytes() for s in self._shared.values()) + self.workspace.nbytes()
+
+    def report(self) -> dict:
+        """Counters and sizes for ``/get_server_info``."""
+        c = self.counters
+        total = StepStats()
+        total.add(c.finished)
+        for request in self.requests.values():
+            total.add(request.stats)
+        return {"requests": c.requests, "active": c.active, "shared_state_hits": c.shared_hits,
+                "pool_tokens_released": c.pool_tokens_released,
+                "refused_workspace_full": c.refused_workspace_full,
+                "states": len(self._shared), "host_bytes": self.host_bytes(),
+                "device_bytes": self.device_bytes(),
+                "workspace_used_slots": self.workspace.used_slots,
+                "workspace_slots": self.workspace.slots, "decode_steps": c.steps,
+                "selection_seconds": round(total.select_seconds, 4),
+                "build_seconds": round(c.build_seconds, 4),
+                "selected_chunks": total.selected_chunks, "missed_chunks": total.missed_chunks,
+                "hit_rate": round(total.hit_rate, 4), "gathered_bytes": total.gathered_bytes,
+                "gathered_bytes_per_step": total.gathered_bytes // max(c.steps, 1)}
+
+    def _trim(self) -> None:
+        idle = [k for k, s in self._shared.items() if s.users == 0]
+        for key in idle[:max(0, len(idle) - _KEEP_RELEASED)]:
+            del self._shared[key]
+
+
+def _key(tokens: Sequence[int], plan: SparsePlan) -> str:
+    ids = np.asarray(tokens, dtype=np.int64).tobytes()
+    shape = f"{plan.shared}:{plan.sink}:{plan.chunk}:{plan.rank}:{plan.outlier_chunks}"
+    return hashlib.blake2b(ids + shape.encode(), digest_size=16).hexdigest()

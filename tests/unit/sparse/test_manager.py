@@ -1,0 +1,54 @@
+"""SparseManager: shared prompt states, workspace accounting, refusals."""
+
+import torch
+
+from sgl_kvtier.config import SparseConfig
+from sgl_kvtier.sparse.manager import SparseManager
+from sgl_kvtier.sparse.rope import Rotary, inv_freq
+
+L, H, D = 2, 3, 16
+CONFIG = SparseConfig(min_context_tokens=256, budget_min_tokens=32, sink_tokens=4,
+                      local_tokens=16)
+
+
+def _manager(slots=4000):
+    return SparseManager(CONFIG, Rotary(D, inv_freq(D, 10000.0)), L, H, D, slots,
+                         torch.float32, "cpu")
+
+
+def _reader(tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    kv = [(torch.randn(len(tokens), H, D, generator=gen),
+           torch.randn(len(tokens), H, D, generator=gen)) for _ in range(L)]
+    return lambda layer: kv[layer]
+
+
+def test_requests_with_one_document_share_its_state_and_release_their_regions():
+    manager = _manager()
+    doc = list(range(1000, 1600))
+    a, b = doc + [1, 2, 3], doc + [7, 8, 9, 10, 11]  # different questions
+    assert manager.wants(len(a)) and not manager.wants(255)
+    assert manager.convert("a", a, _reader(a, 0))
+    assert manager.convert("b", b, _reader(b, 1))
+    report = manager.report()
+    assert report["shared_state_hits"] == 1 and report["states"] == 1 and report["active"] == 2
+    assert manager.requests["a"].layers is manager.requests["b"].layers
+    regions = manager.requests["a"].region + manager.requests["b"].region
+    assert manager.workspace.used_slots == H * regions
+    step = manager.step(["a", "b"])
+    out, lse = step.run(0, torch.randn(2, H * 2, D), D ** -0.5)
+    assert out.shape == (2, H * 2, D) and torch.isfinite(lse).all()
+    manager.finish("a")
+    manager.finish("b")
+    assert manager.workspace.used_slots == 0 and manager.report()["active"] == 0
+    assert manager.report()["selected_chunks"] > 0  # finished requests' counters stay
+    c = list(range(1000, 1600)) + [5]
+    assert manager.convert("c", c, _reader(c, 2))  # released state still cached: shared
+    assert manager.report()["shared_state_hits"] == 2
+
+
+def test_a_full_workspace_leaves_the_request_dense():
+    manager = _manager(slots=50)
+    tokens = list(range(600))
+    assert not manager.convert("a", tokens, _reader(tokens, 0))
+    assert manager.report()["refused_workspace_full"] == 1 and "a" not in manager.requests
