@@ -28,21 +28,27 @@ from sgl_kvtier.attention.dense import (
     decode_attention_runs,
     extend_attention,
 )
+from sgl_kvtier.patches.sparse_backend import SparseDecode, sparse_config
 
 log = logging.getLogger("sgl_kvtier")
 NAME = "kvtier"
 
 
-class KVTierAttnBackend(TorchNativeAttnBackend):
-    """CPU dense path: prefix-aware extend; decode reads the KV pool in place."""
+class KVTierAttnBackend(SparseDecode, TorchNativeAttnBackend):
+    """CPU path: prefix-aware extend; decode reads the KV pool in place, or, for long
+    contexts with ``sparse.enabled``, attends a sparse state (``patches/sparse_backend.py``).
+    """
 
     _decode_runs: list | None = None
 
     def __init__(self, model_runner):
         super().__init__(model_runner)
         # Per (request, layer) decode: attended in place (of which over several slot runs,
-        # merging their states) or gathered (too fragmented, or a KV dtype cast needed).
+        # merging their states) or gathered (too fragmented, or a KV dtype cast needed);
+        # per (request, step): sparse.
         self.stats = {"decode_in_place": 0, "decode_multi_run": 0, "decode_gathered": 0}
+        if (config := sparse_config(model_runner)) is not None:
+            self._sparse_init(model_runner, config)
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -50,12 +56,15 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
         # ranges once per batch, so decode can attend to views instead of gathering the
         # whole context in every layer.
         self._decode_runs = None
+        self._sparse_rows, self._sparse_step = [], None
         if forward_batch.forward_mode.is_decode() and forward_batch.encoder_lens is None:
+            self._sparse_prepare(forward_batch)
+            sparse = {i for i, _, _ in self._sparse_rows}
             table = self.req_to_token_pool.req_to_token
             self._decode_runs = [
-                contiguous_runs(table[row, :total])
-                for row, total in zip(forward_batch.req_pool_indices.tolist(),
-                                      forward_batch.seq_lens.tolist())]
+                None if i in sparse else contiguous_runs(table[row, :total])
+                for i, (row, total) in enumerate(zip(forward_batch.req_pool_indices.tolist(),
+                                                     forward_batch.seq_lens.tolist()))]
 
     def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token,
                                  req_pool_indices, seq_lens, extend_prefix_lens,
@@ -87,7 +96,11 @@ class KVTierAttnBackend(TorchNativeAttnBackend):
         runs = self._decode_runs
         if runs is None or len(runs) != seq_lens.shape[0]:
             runs = [None] * seq_lens.shape[0]
+        sparse = self._sparse_decode(query, output, k_cache, v_cache, req_to_token,
+                                     req_pool_indices, seq_lens, scaling)
         for i, (row, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+            if i in sparse:
+                continue
             if _covers(runs[i], total) and k_cache.dtype == query.dtype:
                 output[i:i + 1] = decode_attention_runs(query[i:i + 1], k_cache, v_cache,
                                                         runs[i], scaling)

@@ -58,8 +58,8 @@ def _from_cli_args(server_args, cls, args: argparse.Namespace):
         raise SystemExit(2) from None
     server_args._kvtier = {"config": config.model_dump(), "config_path": args.kvtier_config}
     _select_attention_backend(server_args, args)
-    if config.tier.enabled:
-        _select_radix_cache(server_args, args)
+    if config.tier.enabled or config.sparse.enabled:
+        _select_radix_cache(server_args, args, config)
     if args.device == "cpu":
         _prepare_cpu_host()
     # Spawned SGLang processes re-run the plugin; this tells them kvtier is on before
@@ -77,6 +77,40 @@ def _check_against_server_args(config: KVTierConfig, args: argparse.Namespace) -
         raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
                           f"tier.chunk_tokens: must be a multiple of --page-size {page}; "
                           f"got {config.tier.chunk_tokens}")
+    if config.sparse.enabled:
+        _check_sparse(config, args)
+
+
+# SGLang arguments sparse decode cannot serve with, and why (each names the flag).
+_SPARSE_CONFLICTS = (
+    ("disable_radix_cache", "--disable-radix-cache", "a sparse request hands its prompt "
+     "back to the radix cache"),
+    ("enable_mixed_chunk", "--enable-mixed-chunk", "mixed batches re-read a decoding "
+     "request's prompt from the pool"),
+    ("enable_dp_attention", "--enable-dp-attention", "data-parallel attention re-reads a "
+     "decoding request's prompt from the pool"),
+    ("speculative_algorithm", "--speculative-algorithm", "speculative decoding is not "
+     "supported with sparse decode yet"),
+)
+
+
+def _check_sparse(config: KVTierConfig, args: argparse.Namespace) -> None:
+    where = f"kvtier config {args.kvtier_config or '(defaults)'}: sparse.enabled"
+    for attr, flag, why in _SPARSE_CONFLICTS:
+        if getattr(args, attr, None):
+            raise ConfigError(f"{where}: cannot be used with {flag} ({why})")
+    if (getattr(args, "page_size", None) or 1) > 1:
+        raise ConfigError(f"{where}: needs --page-size 1 (got {args.page_size})")
+    if (getattr(args, "tp_size", None) or 1) > 1:
+        raise ConfigError(f"{where}: needs a single tensor-parallel rank (got --tp "
+                          f"{args.tp_size})")
+    if args.attention_backend not in (None, "kvtier"):
+        raise ConfigError(f"{where}: runs in the kvtier attention backend; "
+                          f"--attention-backend {args.attention_backend} was given")
+    if config.sparse.kernel == "flashinfer" and getattr(args, "device", None) == "cpu":
+        raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
+                          f"sparse.kernel: flashinfer needs a GPU; this server runs on "
+                          f"--device cpu (use auto or torch)")
 
 
 def _select_attention_backend(server_args, args: argparse.Namespace) -> None:
@@ -88,14 +122,16 @@ def _select_attention_backend(server_args, args: argparse.Namespace) -> None:
                     "backend is not used", chosen)
 
 
-def _select_radix_cache(server_args, args: argparse.Namespace) -> None:
+def _select_radix_cache(server_args, args: argparse.Namespace, config: KVTierConfig) -> None:
     chosen = getattr(args, "radix_cache_backend", None)
+    feature = "tier.enabled" if config.tier.enabled else "sparse.enabled"
     if getattr(args, "disable_radix_cache", False):
         log.warning("sgl_kvtier: --disable-radix-cache is given: the NVMe tier has nothing to "
                     "extend and stays off")
     elif chosen not in (None, "kvtier"):
-        print(f"sgl_kvtier: tier.enabled needs the kvtier radix cache; --radix-cache-backend "
-              f"{chosen} was given (drop it, or disable the tier)", file=sys.stderr, flush=True)
+        print(f"sgl_kvtier: {feature} needs the kvtier radix cache; --radix-cache-backend "
+              f"{chosen} was given (drop it, or disable the feature)", file=sys.stderr,
+              flush=True)
         raise SystemExit(2)
     else:
         server_args.radix_cache_backend = "kvtier"

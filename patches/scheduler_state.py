@@ -4,7 +4,7 @@ Target (SGLang 0.5.23): ``sglang.srt.managers.scheduler.Scheduler.get_internal_s
 (AFTER). Adds ``internal_states[i]["kvtier"]``: the kvtier configuration as the scheduler
 parsed it from its server arguments, its process id, the attention backend in use and its
 counters (decode steps attended in place versus gathered), the radix cache class and the
-NVMe tier's counters (``None`` without the tier).
+NVMe tier's counters (``None`` without the tier) and sparse decode's (``None`` when off).
 """
 
 from __future__ import annotations
@@ -29,8 +29,16 @@ def _get_internal_state(result, scheduler, *args, **kwargs):
         "attention_stats": dict(getattr(runner.attn_backend, "stats", {})),
         "radix_cache": type(scheduler.tree_cache).__name__,
         "tier": _tier_state(scheduler.tree_cache),
+        "sparse": _sparse_state(),
     }
     return result
+
+
+def _sparse_state() -> dict | None:
+    from sgl_kvtier.patches.sparse_bridge import bridge
+
+    link = bridge()
+    return None if link is None else link.manager.report()
 
 
 def _tier_state(tree_cache) -> dict | None:

@@ -42,6 +42,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
 
 from sgl_kvtier.patches._state import config_of
+from sgl_kvtier.patches.sparse_cache import SparseRelease
 from sgl_kvtier.patches.tier_admission import BackgroundLoads, PendingLoad, report_from_disk
 from sgl_kvtier.patches.tier_open import open_tier
 from sgl_kvtier.patches.tier_prefill import Bidirectional
@@ -64,8 +65,9 @@ class _Marker:
     node: object  # the device prefix the hit continues
 
 
-class KVTierRadixCache(BackgroundLoads, RadixCache):
-    """``RadixCache`` whose misses may be served from the NVMe tier."""
+class KVTierRadixCache(SparseRelease, BackgroundLoads, RadixCache):
+    """``RadixCache`` whose misses may be served from the NVMe tier, and whose long
+    requests may let go of their prompt when they decode sparsely."""
 
     def __init__(self, params, tier: TierService | None, tp_group=None,
                  async_load: bool = True, prefill=None):
@@ -174,6 +176,8 @@ class KVTierRadixCache(BackgroundLoads, RadixCache):
     # --------------------------------------------------------------------- writes
 
     def checkpoint(self, req, *, up_to: int):
+        if self.decodes_sparsely(req):
+            return  # its prompt is the tree's alone, its row no longer names the slots
         super().checkpoint(req, up_to=up_to)
         if not (self._active and self._healthy) or self.disable or self.is_eagle:
             return

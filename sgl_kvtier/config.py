@@ -119,6 +119,9 @@ class SparseConfig(_Section):
     outlier_min_chunks: int = Field(4, ge=0, description="floor of the outlier chunks")
     sink_tokens: int = Field(16, ge=0, description="first tokens kept dense")
     local_tokens: int = Field(64, ge=0, description="last prompt tokens kept dense")
+    workspace: Size = Field(parse_size("1GiB"), gt=0, description=(
+        "device bytes for the selected keys and values of all sparse requests; a request "
+        "that finds it full decodes densely"))
     kernel: Literal["auto", "torch", "triton", "flashinfer"] = Field("auto", description=(
         "auto: FlashInfer + Triton where a GPU has them, PyTorch elsewhere"))
 
@@ -128,11 +131,6 @@ class SparseConfig(_Section):
             raise ValueError(f"budget_max_tokens ({self.budget_max_tokens}) is below "
                              f"budget_min_tokens ({self.budget_min_tokens})")
         return self
-
-
-# Features whose implementation has not landed yet. Enabling one is refused at parse time
-# rather than silently ignored.
-_NOT_YET = {"sparse": "sparse decode"}
 
 
 class KVTierConfig(_Section):
@@ -180,10 +178,6 @@ def config_from_dict(data: Any, where: str = "<dict>") -> KVTierConfig:
         config = KVTierConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"kvtier config {where}: {_describe(e)}") from None
-    for name in config.features():
-        if name in _NOT_YET:
-            raise ConfigError(f"kvtier config {where}: {name}.enabled: {_NOT_YET[name]} is "
-                              f"not available in this version of sgl_kvtier; expected false")
     if config.prefill.enabled and not (config.tier.enabled and config.tier.async_load):
         need = "tier.enabled" if not config.tier.enabled else "tier.async_load"
         raise ConfigError(f"kvtier config {where}: prefill.enabled: bidirectional prefill "

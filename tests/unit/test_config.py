@@ -88,9 +88,13 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert "(top level): expected a mapping" in message
 
 
-def test_features_not_built_yet_are_refused():
-    with pytest.raises(ConfigError, match="sparse.enabled: .* not available"):
-        config_from_dict({"sparse": {"enabled": True}})
+def test_sparse_sizes_are_checked_and_named():
+    assert config_from_dict({"sparse": {"enabled": True}}).features() == ["sparse"]
+    with pytest.raises(ConfigError, match="sparse.budget_fraction: .*less than or equal to 1"):
+        config_from_dict({"sparse": {"budget_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="budget_max_tokens .* is below budget_min_tokens"):
+        config_from_dict({"sparse": {"budget_min_tokens": 512, "budget_max_tokens": 256}})
+    assert config_from_dict({"sparse": {"workspace": "64MiB"}}).sparse.workspace == 64 * 2**20
 
 
 def test_bidirectional_prefill_needs_the_tier_and_background_loads():

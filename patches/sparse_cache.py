@@ -1,0 +1,98 @@
+"""The radix-cache side of sparse decode: a long request lets go of its prompt.
+
+A mixin placed before :class:`KVTierRadixCache` (so it also skips the tier's write-back of
+a released request). SGLang 0.5.23's ``RadixCache.checkpoint(req, up_to)`` inserts the
+request's row into the tree and re-locks the request's node; ``release_kv_cache`` calls it
+again when the request ends, then frees ``[cache_protected_len, owned)`` and unlocks.
+
+- ``checkpoint`` of a whole prompt (not finished, long enough, not opted out) makes the
+  request eligible; at its next decode step the backend copies the prompt out.
+- ``flush_pending_backups`` (after every batch) releases converted requests: their lock on
+  the prompt is dropped once, and their row's prompt entries are zeroed (slot 0 is SGLang's
+  padding slot, never allocated), so a stale slot id can never be read or inserted.
+- ``checkpoint`` of a converted request does nothing: its decode tokens' KV came from
+  approximate attention and is not served to later requests, and its prompt entries are
+  gone. ``cache_protected_len`` stays at the prompt boundary, so SGLang frees exactly the
+  decode slots and its memory checks still add up.
+- ``on_release`` (finish, abort, retraction) and ``reset`` forget the request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sgl_kvtier.patches.sparse_bridge import bridge
+
+__all__ = ["SparseRelease", "wants_sparse"]
+
+log = logging.getLogger("sgl_kvtier")
+
+
+def wants_sparse(req) -> bool:
+    """False when ``sampling_params.custom_params.kvtier_sparse`` is ``false`` (the request
+    decodes densely whatever its length: comparisons on one server)."""
+    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    return not (isinstance(params, dict) and params.get("kvtier_sparse") is False)
+
+
+class SparseRelease:
+    """Radix-cache mixin; inert when the process has no sparse bridge."""
+
+    sparse_released_tokens = 0
+
+    @property
+    def _sparse_reqs(self) -> dict:
+        # rid -> Req of eligible and converted requests (the tree unlocks through them).
+        if "_sparse_req_map" not in self.__dict__:
+            self.__dict__["_sparse_req_map"] = {}
+        return self.__dict__["_sparse_req_map"]
+
+    def decodes_sparsely(self, req) -> bool:
+        """True once the backend took the request's prompt out of the pool."""
+        link = bridge()
+        return link is not None and link.boundary(req.rid) is not None
+
+    def checkpoint(self, req, *, up_to: int):
+        if self.decodes_sparsely(req):
+            return
+        super().checkpoint(req, up_to=up_to)
+        link = bridge()
+        if link is None or self.disable or req.finished() or not wants_sparse(req):
+            return
+        boundary = req.kv.cache_protected_len
+        if up_to >= len(req.origin_input_ids) and link.manager.wants(boundary):
+            tokens = tuple(req.full_untruncated_fill_ids[:boundary])
+            self._sparse_reqs[req.rid] = req
+            link.offer(req.rid, tokens, boundary)
+
+    def flush_pending_backups(self) -> None:
+        super().flush_pending_backups()
+        link = bridge()
+        if link is None:
+            return
+        for rid, boundary in list(link.converted.items()):
+            if rid in link.released:
+                continue
+            req = self._sparse_reqs.get(rid)
+            if req is None or req.finished() or req.lock is None:
+                continue
+            if req.kv.cache_protected_len != boundary:
+                continue  # the tree's view moved (should not happen): keep holding
+            self.unlock(req.lock)
+            req.lock = None
+            self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :boundary] = 0
+            link.released.add(rid)
+            self.sparse_released_tokens += boundary
+            link.manager.counters.pool_tokens_released += boundary
+
+    def on_release(self, req, *, checkpointed: bool) -> None:
+        super().on_release(req, checkpointed=checkpointed)
+        self._sparse_reqs.pop(req.rid, None)
+        if (link := bridge()) is not None:
+            link.forget(req.rid)
+
+    def reset(self):
+        super().reset()
+        self._sparse_reqs.clear()
+        if (link := bridge()) is not None:
+            link.clear()

@@ -1,0 +1,117 @@
+"""Sparse decode in a real SGLang server over HTTP (embedded model, CPU).
+
+Two servers. ``exact`` keeps every chunk and the full key rank, so sparse decode must give
+dense decode's answers token for token: that checks the whole path (RoPE undone and redone,
+state built from the pool, page table, merge with the decode tokens) in a mixed batch of
+dense and sparse requests, two of which share one document's state. ``tight`` has the
+default sizes and a small KV pool: a decoding sparse request's prompt must really be
+evicted while it decodes, and the request must not notice.
+"""
+
+import threading
+import time
+
+import pytest
+from serverlib import SERVER_BASE
+
+from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
+from sgl_kvtier.harness.server import Server
+
+pytestmark = pytest.mark.integration
+DENSE = {"custom_params": {"kvtier_sparse": False}}
+EXACT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
+         "  budget_max_tokens: 100000\n  rank_fraction: 1.0\n")
+TIGHT = "sparse:\n  enabled: true\n  min_context_tokens: 1024\n"
+
+
+def _server(model_dir, env, folder, yaml_text, extra=()):
+    config = folder / "kvtier.yaml"
+    config.write_text(yaml_text)
+    args = ["--enable-kvtier", "--kvtier-config", str(config), "--model-path", str(model_dir),
+            *SERVER_BASE, *extra]
+    return Server(args, folder / "server.log", env=env).start()
+
+
+def _sparse(server) -> dict:
+    return server.server_info()["internal_states"][0]["kvtier"]["sparse"]
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def exact(model_dir, clean_env, tmp_path_factory):
+    server = _server(model_dir, clean_env, tmp_path_factory.mktemp("sparse-exact"), EXACT)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tight(model_dir, clean_env, tmp_path_factory):
+    # 5000 slots: one 2048-token prompt decoding plus two more cannot all stay resident.
+    folder = tmp_path_factory.mktemp("sparse-tight")
+    server = _server(model_dir, clean_env, folder, TIGHT, ["--max-total-tokens", "5000"])
+    yield server
+    server.stop()
+
+
+def _concurrently(server, jobs):
+    """Run ``(prompt, tokens, sampling)`` jobs at once; their generations, in order."""
+    out = [None] * len(jobs)
+
+    def one(i, prompt, tokens, sampling):
+        out[i] = server.generate(prompt, tokens, **sampling)
+
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_full_budget_sparse_decode_is_dense_decode_in_a_mixed_batch(exact, tok):
+    doc = token_prompt(tok, 1800, offset=31_000)
+    long_a, long_b = (doc + tok.encode(q, add_special_tokens=False)
+                      for q in (" Which city is named first?", " Who wrote this, and when?"))
+    short = token_prompt(tok, 300, offset=52_000)
+    dense = [exact.generate(p, 32, **DENSE) for p in (long_a, long_b, short)]
+    before = _sparse(exact)
+    assert before["requests"] == 0  # the dense requests opted out
+    got = _concurrently(exact, [(long_a, 32, {}), (long_b, 32, {}), (short, 32, {})])
+    after = _sparse(exact)
+    assert after["requests"] == 2  # the two long ones; the short one stayed dense
+    assert after["shared_state_hits"] == 1  # one document, one state, two questions
+    assert after["pool_tokens_released"] >= 2 * 1700
+    assert got[1].cached_tokens >= 1700  # the prefix cache still serves the document
+    for g, d in zip(got, dense):
+        assert g.output_ids == d.output_ids
+
+
+def test_a_decoding_requests_prompt_is_evicted_under_it(tight, tok):
+    long = token_prompt(tok, 2048, offset=31_000)
+    others = [token_prompt(tok, 2048, offset=o) for o in (41_000, 61_000)]
+    alone = tight.generate(long, 160)
+    tight.flush_cache()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(g=tight.generate(long, 160)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while _sparse(tight)["active"] == 0 or tight_released(tight) < 2 * 2048:
+        assert time.monotonic() < deadline and thread.is_alive(), "never went sparse"
+        time.sleep(0.2)
+    for prompt in others:  # both need room the held prompt would otherwise take
+        tight.generate(prompt, 4)
+    probe = tight.generate(long, 1, **DENSE)  # while the long request still decodes
+    still_running = thread.is_alive()
+    thread.join()
+    assert still_running, "the long request ended before the probe; the test proves nothing"
+    assert probe.cached_tokens < 2048 - 256, probe.cached_tokens  # its prompt was evicted
+    assert result["g"].output_ids == alone.output_ids
+
+
+def tight_released(server) -> int:
+    return _sparse(server)["pool_tokens_released"]

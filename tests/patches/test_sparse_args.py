@@ -1,0 +1,46 @@
+"""Sparse decode's conflicts with SGLang's own arguments are refused before the model
+loads, each naming sparse.enabled (or sparse.kernel) and the flag."""
+
+from test_plugin import python
+
+
+def test_conflicting_server_arguments_are_named(tmp_path):
+    config = tmp_path / "sparse.yaml"
+    config.write_text("sparse:\n  enabled: true\n")
+    gpu_only = tmp_path / "gpu-only.yaml"
+    gpu_only.write_text("sparse:\n  enabled: true\n  kernel: flashinfer\n")
+    cases = {"mixed": [str(config), "--enable-mixed-chunk"],
+             "page": [str(config), "--page-size", "16"],
+             "backend": [str(config), "--attention-backend", "torch_native"],
+             "no_radix": [str(config), "--disable-radix-cache"],
+             "kernel": [str(gpu_only)],
+             "fine": [str(config)]}
+    out = python(f"""
+        import io, contextlib
+        from sglang.srt.plugins import load_plugins
+        from sglang.srt.server_args import prepare_server_args
+        load_plugins()
+        for name, extra in {cases!r}.items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    args = prepare_server_args(["--enable-kvtier", "--kvtier-config", *extra,
+                                                "--model-path", "x", "--device", "cpu"])
+                    line = args.radix_cache_backend + " " + args.attention_backend
+                except SystemExit as e:
+                    line = str(e.code) + " " + err.getvalue().strip().splitlines()[-1]
+            print(name, line, sep="|")
+    """)
+    lines = dict(line.split("|", 1) for line in out.stdout.strip().splitlines()
+                 if "|" in line)
+    assert set(lines) == set(cases), out.stderr[-2000:]
+    expected = {"mixed": "sparse.enabled: cannot be used with --enable-mixed-chunk",
+                "page": "sparse.enabled: needs --page-size 1 (got 16)",
+                "backend": "sparse.enabled: runs in the kvtier attention backend; "
+                           "--attention-backend torch_native was given",
+                "no_radix": "sparse.enabled: cannot be used with --disable-radix-cache",
+                "kernel": "sparse.kernel: flashinfer needs a GPU"}
+    for name, fragment in expected.items():
+        assert lines[name].startswith("2 kvtier config ") and fragment in lines[name], \
+            (name, lines[name])
+    assert lines["fine"] == "kvtier kvtier"  # the sparse requests' radix cache and backend
