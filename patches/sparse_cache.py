@@ -39,6 +39,7 @@ class SparseRelease:
     """Radix-cache mixin; inert when the process has no sparse bridge."""
 
     sparse_released_tokens = 0
+    sparse_metrics = None  # patches.tier_metrics.SparseMetrics with --enable-metrics
 
     @property
     def _sparse_reqs(self) -> dict:
@@ -84,6 +85,8 @@ class SparseRelease:
             link.released.add(rid)
             self.sparse_released_tokens += boundary
             link.manager.counters.pool_tokens_released += boundary
+        if self.sparse_metrics is not None:
+            self.sparse_metrics.update(link.manager.report())
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)

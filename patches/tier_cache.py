@@ -303,10 +303,13 @@ def _factory(ctx):
         prefill = None
     cache = KVTierRadixCache(ctx.params, tier, group, prefill=prefill,
                              async_load=config is not None and config.tier.async_load)
-    if tier is not None and ctx.params.enable_metrics:
-        from sgl_kvtier.patches.tier_metrics import TierMetrics
+    if ctx.params.enable_metrics:
+        from sgl_kvtier.patches.tier_metrics import SparseMetrics, TierMetrics
 
-        cache._metrics = TierMetrics(ctx.tp_rank)
+        if tier is not None:
+            cache._metrics = TierMetrics(ctx.tp_rank)
+        if config is not None and config.sparse.enabled:
+            cache.sparse_metrics = SparseMetrics(ctx.tp_rank)
     return cache
 
 

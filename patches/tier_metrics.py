@@ -1,4 +1,5 @@
-"""The NVMe tier's counters in SGLang's Prometheus metrics (``--enable-metrics``).
+"""The NVMe tier's and sparse decode's counters in SGLang's Prometheus metrics
+(``--enable-metrics``).
 
 SGLang serves ``/metrics`` from its HTTP process with prometheus_client's multiprocess
 collector (``PROMETHEUS_MULTIPROC_DIR``, set before the scheduler is spawned), so metrics
@@ -9,7 +10,7 @@ memory-mapped writes).
 
 from __future__ import annotations
 
-__all__ = ["TierMetrics"]
+__all__ = ["TierMetrics", "SparseMetrics"]
 
 # store/service counter -> (metric name, help); all monotonic.
 _COUNTERS = {
@@ -46,18 +47,21 @@ _GAUGES = {
 }
 
 
-class TierMetrics:
-    """Prometheus counters and gauges of one rank's tier."""
+class _Metrics:
+    """Prometheus counters and gauges of one rank, updated from a stats mapping."""
+
+    COUNTERS: dict[str, tuple[str, str]] = {}
+    GAUGES: dict[str, tuple[str, str]] = {}
 
     def __init__(self, tp_rank: int) -> None:
         from prometheus_client import Counter, Gauge
 
         labels = {"tp_rank": str(tp_rank)}
         self._counters = {k: Counter(f"sglang:{name}", doc, list(labels)).labels(**labels)
-                          for k, (name, doc) in _COUNTERS.items()}
+                          for k, (name, doc) in self.COUNTERS.items()}
         self._gauges = {k: Gauge(f"sglang:{name}", doc, list(labels),
                                  multiprocess_mode="mostrecent").labels(**labels)
-                        for k, (name, doc) in _GAUGES.items()}
+                        for k, (name, doc) in self.GAUGES.items()}
         self._last: dict[str, float] = {}
 
     def update(self, stats: dict) -> None:
@@ -69,3 +73,38 @@ class TierMetrics:
             self._last[key] = value
         for key, gauge in self._gauges.items():
             gauge.set(float(stats.get(key, 0)))
+
+
+class TierMetrics(_Metrics):
+    """The NVMe tier's (``tier_state()``)."""
+
+    COUNTERS, GAUGES = _COUNTERS, _GAUGES
+
+
+class SparseMetrics(_Metrics):
+    """Sparse decode's (``SparseManager.report()``)."""
+
+    COUNTERS = {
+        "requests": ("kvtier_sparse_requests_total", "Requests switched to sparse decode"),
+        "pool_tokens_released": ("kvtier_sparse_pool_tokens_released_total",
+                                 "Prompt tokens whose KV-pool slots sparse requests let go"),
+        "shared_state_hits": ("kvtier_sparse_shared_state_hits_total",
+                              "Sparse requests that reused another's prompt state"),
+        "refused_workspace_full": ("kvtier_sparse_refused_total",
+                                   "Long requests left dense: the sparse workspace was full"),
+        "decode_steps": ("kvtier_sparse_decode_steps_total", "Batches with sparse rows"),
+        "selection_seconds": ("kvtier_sparse_selection_seconds_total",
+                              "Time spent scoring and choosing chunks"),
+        "gathered_bytes": ("kvtier_sparse_gathered_bytes_total",
+                           "Value bytes fetched from host memory into the workspace"),
+    }
+    GAUGES = {
+        "active": ("kvtier_sparse_active_requests", "Requests decoding sparsely now"),
+        "host_bytes": ("kvtier_sparse_host_bytes", "Bytes of sparse state in host memory"),
+        "device_bytes": ("kvtier_sparse_device_bytes",
+                         "Bytes of sparse state and workspace on the device"),
+        "gathered_bytes_per_step": ("kvtier_sparse_gathered_bytes_per_step",
+                                    "Mean value bytes fetched per sparse decode step"),
+        "hit_rate": ("kvtier_sparse_chunk_hit_rate",
+                     "Selected chunks already in the workspace from the last step"),
+    }

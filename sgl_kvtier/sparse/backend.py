@@ -1,7 +1,7 @@
 """The ``sparse.kernel`` choice: which paged decode consumes the page table.
 
 ``auto`` takes FlashInfer where a CUDA device and FlashInfer are present, else the Triton
-kernel where a CUDA device and Triton are, else PyTorch (:func:`paged_decode`). On a CPU
+kernel where a CUDA device and Triton are, else PyTorch (:class:`TorchPagedDecode`). On a CPU
 ``triton`` runs the kernel in Triton's interpreter: correct, and far too slow to serve
 (tests use it); ``flashinfer`` is refused.
 """
@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from sgl_kvtier.sparse.paged import paged_decode
+from sgl_kvtier.sparse.paged import TorchPagedDecode
 
 __all__ = ["resolve_kernel", "KernelUnavailable"]
 
@@ -41,7 +41,7 @@ def resolve_kernel(kernel: str, device: torch.device | str):
         kernel = ("flashinfer" if cuda and _has("flashinfer") else
                   "triton" if cuda and _has("triton") else "torch")
     if kernel == "torch":
-        return "torch", paged_decode
+        return "torch", TorchPagedDecode()
     if kernel == "flashinfer":
         if not (cuda and _has("flashinfer")):
             raise KernelUnavailable(

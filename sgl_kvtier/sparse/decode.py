@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sgl_kvtier.attention.merge import merge_attention_states, partial_attention
+from sgl_kvtier.attention.merge import partial_attention
 from sgl_kvtier.sparse.paged import PageTable, flatten_queries, paged_decode, region_table
 from sgl_kvtier.sparse.request import SparseRequest
 
@@ -84,8 +84,9 @@ def merge_tail(q: torch.Tensor, sparse: tuple[torch.Tensor, torch.Tensor],
     """
     h = tail_k.shape[1]
     g = q.shape[0] // h
-    qf = q.view(h, g, -1)
-    out, lse = partial_attention(qf, tail_k.transpose(0, 1), tail_v.transpose(0, 1), scale)
-    merged, _ = merge_attention_states([sparse[0].view(h, g, -1), out],
-                                       [sparse[1].view(h, g), lse])
-    return merged.reshape(q.shape[0], -1)
+    out, lse = partial_attention(q.view(h, g, -1), tail_k.transpose(0, 1),
+                                 tail_v.transpose(0, 1), scale)
+    # Both parts saw keys (lse finite), so the merge of two states is one weight: the
+    # sparse part's share of the total mass, sigmoid(lse_sparse - lse_tail).
+    share = torch.sigmoid(sparse[1] - lse.reshape(-1))[:, None]
+    return torch.lerp(out.reshape(q.shape[0], -1), sparse[0], share)

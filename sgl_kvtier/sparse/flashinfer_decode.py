@@ -39,19 +39,20 @@ class FlashInferDecode:
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._buffer, "NHD", use_tensor_cores=True)
         self._planned: tuple | None = None
+        self._table: PageTable | None = None  # held: a new table never takes its id
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``q (R, G, D)``, ``k_cache/v_cache (slots, D)`` -> ``out (R, G, D)``, ``lse (R, G)``,
         float32."""
         r, g, d = q.shape
-        key = (id(table), g, d, q.dtype, k_cache.dtype, scale)
-        if self._planned != key:
+        key = (g, d, q.dtype, k_cache.dtype, scale)
+        if self._table is not table or self._planned != key:
             self._wrapper.plan(table.indptr, table.indices, table.last_page_len,
                                num_qo_heads=g, num_kv_heads=1, head_dim=d,
                                page_size=table.page_size, q_data_type=q.dtype,
                                kv_data_type=k_cache.dtype, sm_scale=scale)
-            self._planned = key
+            self._planned, self._table = key, table
         p = table.page_size
         pages = (k_cache.view(-1, p, 1, d), v_cache.view(-1, p, 1, d))
         out, lse = self._wrapper.run(q, pages, return_lse=True)

@@ -27,7 +27,7 @@ import torch
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
 from sgl_kvtier.sparse.decode import PagedAttention, SparseStep
-from sgl_kvtier.sparse.paged import paged_decode
+from sgl_kvtier.sparse.paged import TorchPagedDecode
 from sgl_kvtier.sparse.request import SparseRequest, StepStats
 from sgl_kvtier.sparse.rope import Rotary
 from sgl_kvtier.sparse.state import LayerState, build_layer_state
@@ -85,18 +85,19 @@ class SparseManager:
         are ``(num_layers, slots, head_dim)``, keys and values).
     dtype, device
         Of the device-side buffers.
-    attend : PagedAttention
-        The paged decode (see :func:`sgl_kvtier.sparse.backend.resolve_kernel`).
+    attend : PagedAttention, optional
+        The paged decode (see :func:`sgl_kvtier.sparse.backend.resolve_kernel`); PyTorch
+        when not given.
     """
 
     def __init__(self, config: SparseConfig, rotary: Rotary, num_layers: int,
                  num_kv_heads: int, head_dim: int, workspace_slots: int,
                  dtype: torch.dtype, device: torch.device | str,
-                 attend: PagedAttention = paged_decode):
+                 attend: PagedAttention | None = None):
         self.config, self.rotary = config, rotary
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.workspace = SparseWorkspace(num_layers, head_dim, workspace_slots, dtype, device)
-        self.attend = attend
+        self.attend = TorchPagedDecode() if attend is None else attend
         self.device = torch.device(device)
         self.requests: dict[str, SparseRequest] = {}
         self._keys: dict[str, str] = {}

@@ -20,7 +20,7 @@ import torch
 from sgl_kvtier.attention.merge import partial_attention_ref
 
 __all__ = ["PageTable", "region_table", "flatten_queries", "paged_decode", "paged_decode_ref",
-           "row_tokens"]
+           "paged_plan", "TorchPagedDecode", "row_tokens"]
 
 
 @dataclass(frozen=True)
@@ -114,23 +114,51 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.stack(outs), torch.stack(lses)
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`paged_decode_ref` for all rows in one batch (rows padded to the longest)."""
+def paged_plan(table: PageTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`paged_decode` derives from the table alone, once per step rather than
+    once per layer: ``slots (R, W)`` int64 (padding reads slot 0) and ``valid (R, W)`` bool,
+    ``W`` the longest row."""
     lengths = table.lengths()
     width = int(lengths.max())
+    device = table.indices.device
     pages_per_row = -(-width // table.page_size)
     counts = (table.indptr[1:] - table.indptr[:-1]).long()
-    page_pos = torch.arange(pages_per_row, device=q.device)
+    page_pos = torch.arange(pages_per_row, device=device)
     gather = (table.indptr[:-1, None].long() + page_pos).clamp(max=table.indices.numel() - 1)
     pages = table.indices.long()[gather]  # [R, P]
     slots = (pages[:, :, None] * table.page_size
-             + torch.arange(table.page_size, device=q.device)).flatten(1)[:, :width]
-    valid = torch.arange(width, device=q.device) < lengths[:, None]
+             + torch.arange(table.page_size, device=device)).flatten(1)[:, :width]
+    valid = torch.arange(width, device=device) < lengths[:, None]
     valid &= (page_pos[:, None].expand(-1, table.page_size).flatten()[:width] < counts[:, None])
-    slots = slots.masked_fill(~valid, 0)
-    k, v = k_cache[slots].float(), v_cache[slots].float()  # [R, W, D]
+    return slots.masked_fill(~valid, 0), valid
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 table: PageTable, scale: float,
+                 plan: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_ref` for all rows in one batch (rows padded to the longest);
+    ``plan`` is :func:`paged_plan` of ``table`` when the caller kept it."""
+    slots, valid = paged_plan(table) if plan is None else plan
+    # index_select of the flat slots: several times faster on CPU than k_cache[slots].
+    flat = slots.flatten()
+    k = k_cache.index_select(0, flat).view(*slots.shape, -1).float()  # [R, W, D]
+    v = v_cache.index_select(0, flat).view(*slots.shape, -1).float()
     scores = (q.float() @ k.transpose(1, 2)) * scale  # [R, G, W]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = scores.logsumexp(-1)
     return (scores - lse[..., None]).exp() @ v, lse
+
+
+class TorchPagedDecode:
+    """:func:`paged_decode` planned once per table and run per layer (FlashInfer's shape)."""
+
+    def __init__(self):
+        self._table: PageTable | None = None  # held, so a new table is never mistaken for it
+        self._plan: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._table is not table:
+            self._table, self._plan = table, paged_plan(table)
+        return paged_decode(q, k_cache, v_cache, table, scale, self._plan)

@@ -108,11 +108,14 @@ class SparseRequest:
     def refresh(self, layer: int, chunks: torch.Tensor) -> None:
         """Hold exactly ``chunks (H, k)`` in ``layer``'s selected slots."""
         state, c = self.layers[layer], self.plan.chunk
-        slot, miss = assign_slots(self.held[layer], chunks)
-        self.held[layer] = self.held[layer].scatter(1, slot, chunks)
+        self.stats.selected_chunks += chunks.numel()
+        held = self.held[layer]
+        if torch.equal(held.sort(dim=1).values, chunks):
+            return  # the common step: the chunks of last step, all in place
+        slot, miss = assign_slots(held, chunks)
+        held.scatter_(1, slot, chunks)
         heads, j = miss.nonzero(as_tuple=True)
         ids, where = chunks[heads, j], slot[heads, j]
-        self.stats.selected_chunks += chunks.numel()
         self.stats.missed_chunks += ids.numel()
         if ids.numel() == 0:
             return

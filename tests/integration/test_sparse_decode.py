@@ -8,10 +8,12 @@ default sizes and a small KV pool: a decoding sparse request's prompt must reall
 evicted while it decodes, and the request must not notice.
 """
 
+import re
 import threading
 import time
 
 import pytest
+import requests
 from serverlib import SERVER_BASE
 
 from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
@@ -43,7 +45,8 @@ def tok(model_dir):
 
 @pytest.fixture(scope="module")
 def exact(model_dir, clean_env, tmp_path_factory):
-    server = _server(model_dir, clean_env, tmp_path_factory.mktemp("sparse-exact"), EXACT)
+    server = _server(model_dir, clean_env, tmp_path_factory.mktemp("sparse-exact"), EXACT,
+                     ["--enable-metrics"])
     yield server
     server.stop()
 
@@ -89,6 +92,18 @@ def test_full_budget_sparse_decode_is_dense_decode_in_a_mixed_batch(exact, tok):
     assert got[1].cached_tokens >= 1700  # the prefix cache still serves the document
     for g, d in zip(got, dense):
         assert g.output_ids == d.output_ids
+    metrics = _metrics(exact)
+    assert metrics["kvtier_sparse_requests_total"] == 2, metrics
+    assert metrics["kvtier_sparse_pool_tokens_released_total"] == after["pool_tokens_released"]
+    assert metrics["kvtier_sparse_gathered_bytes_total"] == after["gathered_bytes"] > 0
+    assert metrics["kvtier_sparse_host_bytes"] == after["host_bytes"] > 0
+
+
+def _metrics(server) -> dict[str, float]:
+    """The ``sglang:kvtier_sparse_*`` series of ``/metrics``, by name."""
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    found = re.findall(r'^sglang:(kvtier_sparse_\w+)\{tp_rank="0"\} (\S+)$', text, re.M)
+    return {name: float(value) for name, value in found}
 
 
 def test_a_decoding_requests_prompt_is_evicted_under_it(tight, tok):

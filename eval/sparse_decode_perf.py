@@ -1,0 +1,195 @@
+"""Sparse decode against dense decode on one CPU server: time per decode step, and how many
+8k-token requests decode at once in one KV pool.
+
+    .venv/bin/python eval/sparse_decode_perf.py            # about 30 min on 2 cores
+
+One server, sparse decode on (the default ``sparse`` settings); dense runs are the same
+requests with ``custom_params.kvtier_sparse: false``, interleaved with the sparse ones, so
+every ratio comes from one server in one run.
+
+- **Step time**: for each context (4k, 8k) and batch (1, 8), the batch's prompts are
+  prefilled once (cached), then decoded ``--decode-tokens`` tokens, dense then sparse, the
+  requests sent together; a step's time is the median gap between a stream's tokens after
+  the first ``_SKIP`` (the first steps include the switch to sparse).
+- **Capacity**: a second server with ``--max-total-tokens --pool-tokens`` gets
+  ``--requests`` distinct 8k prompts at once, dense, then sparse; each request's decode
+  interval is taken from its stream, and the most that overlap is the capacity. The pool
+  tokens a sparse request releases and the host bytes of its state come from
+  ``/get_server_info``.
+
+Writes ``table.md`` and ``perf.json`` under ``--out`` (default
+``docs/results/sparse-perf``), tagged with the CPU and whether it has AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serverlib import SERVER_BASE
+
+from sgl_kvtier.eval.records import provenance
+from sgl_kvtier.harness.models import model_path
+from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
+from sgl_kvtier.harness.server import Server
+
+DENSE = {"custom_params": {"kvtier_sparse": False}}
+_SKIP = 3  # tokens whose gaps are left out: prefill, the dense first step, the switch
+
+
+def _server(folder: Path, name: str, extra: list[str]) -> Server:
+    config = folder / f"{name}.yaml"
+    config.write_text("sparse:\n  enabled: true\n")
+    base = list(SERVER_BASE)
+    if "--max-total-tokens" in extra:  # ours replaces the shared default
+        i = base.index("--max-total-tokens")
+        del base[i:i + 2]
+    args = ["--enable-kvtier", "--kvtier-config", str(config), "--model-path",
+            str(model_path("smollm2")), *base, *extra]
+    return Server(args, folder / f"{name}.log")
+
+
+def _together(server: Server, prompts: list[list[int]], tokens: int, sampling: dict) -> list:
+    """Send every prompt at once; per request ``(absolute start, Generation)``."""
+    out: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        start = time.perf_counter()
+        out[i] = (start, server.generate(prompts[i], tokens, ignore_eos=True, **sampling))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _step_seconds(results: list) -> float:
+    gaps = []
+    for _, gen in results:
+        times = gen.token_times[_SKIP:]
+        gaps += [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps)
+
+
+def step_times(server: Server, tok, contexts: list[int], batches: list[int],
+               tokens: int) -> list[dict]:
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            prompts = [token_prompt(tok, context, offset=7_919 * (i + 1) + context)
+                       for i in range(batch)]
+            _together(server, prompts, 1, DENSE)  # prefill once; both runs hit the cache
+            dense = _step_seconds(_together(server, prompts, tokens, DENSE))
+            sparse = _step_seconds(_together(server, prompts, tokens, {}))
+            rows.append({"context": context, "batch": batch, "dense_step_s": dense,
+                         "sparse_step_s": sparse, "speedup": dense / sparse})
+            print(f"  {context} tokens, batch {batch}: dense {dense * 1000:.0f} ms/step, "
+                  f"sparse {sparse * 1000:.0f} ms/step ({dense / sparse:.2f}x)", flush=True)
+    return rows
+
+
+def _most_overlapping(results: list) -> int:
+    """Most requests decoding at one moment (decode: first token to last)."""
+    events = []
+    for start, gen in results:
+        events += [(start + gen.token_times[0], 1), (start + gen.token_times[-1], -1)]
+    now = best = 0
+    for _, delta in sorted(events):
+        now += delta
+        best = max(best, now)
+    return best
+
+
+def capacity(server: Server, tok, requests: int, context: int, tokens: int) -> dict:
+    info = lambda: server.server_info()["internal_states"][0]["kvtier"]["sparse"]
+    out = {}
+    for name, sampling, base in (("dense", DENSE, 200_000), ("sparse", {}, 400_000)):
+        prompts = [token_prompt(tok, context, offset=base + 6_007 * i) for i in range(requests)]
+        before = info()
+        results = _together(server, prompts, tokens, sampling)
+        after = info()
+        out[name] = _most_overlapping(results)
+        print(f"  {name}: at most {out[name]} of {requests} requests decoding together",
+              flush=True)
+        server.flush_cache()
+    released = after["pool_tokens_released"] - before["pool_tokens_released"]
+    out["sparse_pool_tokens_released_per_request"] = released / max(after["requests"]
+                                                                    - before["requests"], 1)
+    out["sparse_host_bytes_per_state"] = after["host_bytes"] / max(after["states"], 1)
+    return out
+
+
+def _table(rows: list[dict], cap: dict, args, machine: str) -> str:
+    lines = [f"# Sparse decode on CPU: {machine}", "",
+             "Median time per decode step of the whole batch (float32, embedded SmolLM2-135M,"
+             f" default sparse settings, {args.decode_tokens} tokens per request).", "",
+             "| context | batch | dense ms/step | sparse ms/step | sparse speed-up |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['context']} | {r['batch']} | {r['dense_step_s'] * 1000:.0f} | "
+              f"{r['sparse_step_s'] * 1000:.0f} | {r['speedup']:.2f}x |" for r in rows]
+    lines += ["", f"Capacity: {args.requests} distinct {args.context}-token requests sent at "
+              f"once to a server with --max-total-tokens {args.pool_tokens}, "
+              f"{args.capacity_tokens} tokens each.", "",
+              "| decode | most requests decoding together |", "|---|---:|",
+              f"| dense | {cap['dense']} |", f"| sparse | {cap['sparse']} |", "",
+              f"Pool tokens released per sparse request: "
+              f"{cap['sparse_pool_tokens_released_per_request']:.0f}; host bytes per prompt "
+              f"state: {cap['sparse_host_bytes_per_state'] / 2**20:.1f} MiB.", "",
+              "Command: `.venv/bin/python eval/sparse_decode_perf.py`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Sparse vs dense decode on one CPU server: step time and capacity.")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192],
+                        help="prompt lengths for the step-time runs")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8],
+                        help="requests decoding together in the step-time runs")
+    parser.add_argument("--decode-tokens", type=int, default=24,
+                        help="tokens per request in the step-time runs")
+    parser.add_argument("--context", type=int, default=8192,
+                        help="prompt length of the capacity runs")
+    parser.add_argument("--requests", type=int, default=10,
+                        help="requests sent at once in each capacity run")
+    parser.add_argument("--pool-tokens", type=int, default=20_000,
+                        help="--max-total-tokens of the capacity server")
+    parser.add_argument("--capacity-tokens", type=int, default=96,
+                        help="tokens per request in the capacity runs")
+    parser.add_argument("--skip-capacity", action="store_true", help="step times only")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/sparse-perf"),
+                        help="folder for table.md and perf.json")
+    args = parser.parse_args()
+    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    machine = f"{provenance()['hardware']}, AVX512-BF16: {'yes' if bf16 else 'no'}"
+    print(machine, flush=True)
+    tok = load_tokenizer(model_path("smollm2"))
+    pool = max(args.contexts) * max(args.batches) * 2 + 8192
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        with _server(folder, "steps", ["--max-total-tokens", str(pool)]) as server:
+            rows = step_times(server, tok, args.contexts, args.batches, args.decode_tokens)
+        cap = {"dense": None, "sparse": None, "sparse_pool_tokens_released_per_request": 0,
+               "sparse_host_bytes_per_state": 0}
+        if not args.skip_capacity:
+            with _server(folder, "capacity", ["--max-total-tokens", str(args.pool_tokens)]) as s:
+                cap = capacity(s, tok, args.requests, args.context, args.capacity_tokens)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "perf.json").write_text(json.dumps(
+        {"machine": machine, **provenance(), "steps": rows, "capacity": cap,
+         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    (args.out / "table.md").write_text(_table(rows, cap, args, machine))
+    print((args.out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
