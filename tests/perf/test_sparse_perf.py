@@ -10,7 +10,7 @@ drifts a little each round, as a decoding request's does, so some chunks change.
 
 import pytest
 import torch
-from timing import gate, interleaved_ratio, one_thread  # noqa: F401 (fixture)
+from timing import gate, interleaved_ratio, one_thread
 
 from sgl_kvtier.attention.dense import decode_attention_runs
 from sgl_kvtier.config import SparseConfig
