@@ -13,11 +13,11 @@ from sgl_kvtier.eval.ruler.scoring import score
 from sgl_kvtier.eval.spec import RulerWorkload
 from sgl_kvtier.harness.server import Server
 
-__all__ = ["run_ruler", "steps"]
+__all__ = ["run_ruler", "steps", "split_question", "literal_regex", "sparse_stats"]
 
 
 def steps(work: RulerWorkload) -> int:
-    return len(work.tasks) * len(work.lengths) * work.num_samples
+    return len(work.tasks) * len(work.lengths) * work.num_samples + 1  # + the counters
 
 
 def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int) -> Iterator[dict]:
@@ -29,9 +29,50 @@ def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int) -> Iter
         for task in work.tasks:
             for sample in generate(task, count, length, work.num_samples, seed,
                                    work.max_new_tokens):
-                gen = server.generate(sample.prompt, sample.max_new_tokens)
-                yield {"workload": "ruler", "task": task, "length": length,
+                if work.question_in_decode:
+                    name, (gen, text) = f"{task}:decode", _question_in_decode(
+                        server, sample, count)
+                else:
+                    name = task
+                    gen = server.generate(sample.prompt, sample.max_new_tokens)
+                    text = gen.text
+                yield {"workload": "ruler", "task": name, "length": length,
                        "index": sample.index, "prompt_tokens": gen.prompt_tokens,
-                       "score": score(sample.metric, gen.text, sample.answers),
-                       "prediction": gen.text, "answers": sample.answers,
+                       "score": score(sample.metric, text, sample.answers),
+                       "prediction": text, "answers": sample.answers,
                        "ttft_s": gen.ttft_s}
+    yield {"workload": "ruler_stats", "question_in_decode": work.question_in_decode,
+           "sparse": sparse_stats(server)}
+
+
+def sparse_stats(server: Server) -> dict | None:
+    """The kvtier sparse-decode counters so far, or None (sparse decode off)."""
+    state = server.server_info().get("internal_states", [{}])[0]
+    return (state.get("kvtier") or {}).get("sparse")
+
+
+def split_question(prompt: str) -> tuple[str, str]:
+    """A niah prompt as ``(haystack with its instructions, question)``; the question starts
+    at the line that asks for the special magic values."""
+    cut = prompt.rfind("\nWhat are all the special magic")
+    if cut < 0:
+        raise ValueError("not a niah prompt: no question line")
+    return prompt[:cut + 1], prompt[cut + 1:]
+
+
+def literal_regex(text: str) -> str:
+    """A regex matching exactly ``text`` (only the metacharacters escaped: the grammar
+    backends do not all take Python's escaped spaces)."""
+    return "".join("\\" + c if c in _META else c for c in text)
+
+
+_META = set(".^$*+?{}[]\\|()")
+
+
+def _question_in_decode(server: Server, sample, count) -> tuple:
+    """Send the haystack only; the regex forces the question, token by token, then lets the
+    model answer on one line. Returns the generation and the text after the question."""
+    context, question = split_question(sample.prompt)
+    regex = literal_regex(question) + "[^\\n]{1,120}"
+    gen = server.generate(context, count(question) + 8 + sample.max_new_tokens, regex=regex)
+    return gen, gen.text[len(question):] if gen.text.startswith(question) else gen.text

@@ -62,6 +62,23 @@ def _score_table(scores: dict[tuple[str, str, int], dict]) -> list[str]:
     return lines
 
 
+def _paired_table(paired: dict[tuple[str, str, int], dict]) -> list[str]:
+    columns = sorted({(server, length) for server, _, length in paired})
+    tasks = sorted({task for _, task, _ in paired} - {"mean"}) + ["mean"]
+    lines = ["| task | " + " | ".join(f"{s} @{n}" for s, n in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for task in tasks:
+        cells = []
+        for s, n in columns:
+            c = paired.get((s, task, n))
+            low = "" if c is None or c["high"] >= 0 else " **below**"
+            cells.append("—" if c is None else
+                         f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]{low} "
+                         f"(ref {c['reference_score']:.0f}, n={c['n']})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _agreement_table(agreed: dict[str, dict]) -> list[str]:
     lines = ["| server | reference | positions | top-1 agreement | KL mean (nats) | KL max | "
              "NLL ref | NLL server | greedy identical |",
@@ -113,7 +130,8 @@ def _decode_step_table(decoded: dict[str, dict], width: int = 8) -> list[str]:
 
 def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: dict,
              complete: bool, scores: dict | None = None, agreed: dict | None = None,
-             decoded: dict | None = None) -> str:
+             decoded: dict | None = None, paired: dict | None = None,
+             reference: str | None = None) -> str:
     lines = [f"# {title}", ""]
     if not complete:
         lines += ["**INCOMPLETE: the run was interrupted or failed; these numbers are partial.**",
@@ -129,6 +147,10 @@ def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: d
     if scores:
         lines += ["", "RULER score (string match, 0-100), by task and server @ context length:",
                   "", *_score_table(scores)]
+    if paired:
+        lines += ["", f"RULER score difference against {reference}, paired sample by sample: "
+                  "mean [95 % interval] (reference's mean score; **below**: the whole "
+                  "interval is below zero):", "", *_paired_table(paired)]
     if agreed:
         lines += ["", "Agreement with the reference server (teacher-forced next-token "
                   "distributions; greedy continuations):", "", *_agreement_table(agreed)]

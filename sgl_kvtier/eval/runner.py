@@ -19,6 +19,7 @@ from tqdm import tqdm
 from sgl_kvtier.cuda_shim import cpu_engine_env
 from sgl_kvtier.eval import accuracy, agreement, decode_agreement, latency, report
 from sgl_kvtier.eval.gates import check_gates
+from sgl_kvtier.eval.paired import paired_differences
 from sgl_kvtier.eval.records import RunFolder
 from sgl_kvtier.eval.spec import RunSpec, ServerSpec
 from sgl_kvtier.harness.prompts import load_tokenizer
@@ -165,8 +166,12 @@ def _report(spec: RunSpec, folder: RunFolder, complete: bool) -> list[dict]:
     agreed = agreement.summarise_agreement(folder.records)
     decoded = decode_agreement.summarise_decode(folder.records)
     verdicts = check_gates(spec.gates, summary, scores, agreed, decoded) if complete else []
+    reference = next((w.reference for w in spec.workloads
+                      if w.kind == "ruler" and w.reference is not None), None)
+    paired = None if reference is None else paired_differences(folder.records, reference)
     folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
-                                               complete, scores, agreed, decoded))
+                                               complete, scores, agreed, decoded, paired,
+                                               reference))
     report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")
     report.plot_scores(scores, folder.path / "score.png", f"{spec.name}: RULER score")
     return verdicts

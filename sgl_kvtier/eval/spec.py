@@ -86,6 +86,14 @@ class RulerWorkload(_Strict):
     lengths: list[int] = Field(min_length=1)
     num_samples: int = Field(10, gt=0)
     max_new_tokens: int | None = Field(None, gt=0, description="default: RULER's per task")
+    reference: str | None = Field(None, description=(
+        "server the others are compared with sample by sample: the paired difference of "
+        "scores per task and length, with its 95 % interval"))
+    question_in_decode: bool = Field(False, description=(
+        "niah tasks only: the prompt ends with the haystack, and the question is forced "
+        "through decode steps by a regex (Quest's protocol), so attention over the haystack "
+        "while the answer is generated must find the needle from decode queries; recorded "
+        "as task '<task>:decode'"))
 
     @model_validator(mode="after")
     def _known_tasks(self):
@@ -94,6 +102,9 @@ class RulerWorkload(_Strict):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown RULER task {unknown[0]!r}; known: {', '.join(TASKS)}")
+        if self.question_in_decode and (other := [t for t in self.tasks
+                                                  if not t.startswith("niah")]):
+            raise ValueError(f"question_in_decode takes niah tasks only; got {other[0]!r}")
         return self
 
 
@@ -173,7 +184,8 @@ class RunSpec(_Strict):
         refs += [(f"gate {i}", g.baseline) for i, g in enumerate(self.gates)
                  if getattr(g, "baseline", None) is not None]
         refs += [(f"{w.kind} reference", w.reference) for w in self.workloads
-                 if w.kind in ("agreement", "decode_agreement")]
+                 if w.kind in ("agreement", "decode_agreement", "ruler")
+                 and w.reference is not None]
         for what, ref in refs:
             if ref not in names:
                 raise ValueError(f"{what} names server {ref!r}; servers are {names}")

@@ -40,12 +40,10 @@ def rebuild_keys(u: torch.Tensor, sv: torch.Tensor, heads: torch.Tensor, chunks:
     torch.Tensor
         ``(m, C, D)`` float32, rotated to each token's original position.
     """
-    m, d = heads.numel(), sv.shape[-1]
-    out = torch.empty(m, chunk, d, dtype=torch.float32, device=u.device)
-    rows = chunks[:, None] * chunk + torch.arange(chunk, device=u.device)  # [m, C]
-    for h in heads.unique().tolist():
-        sel = (heads == h).nonzero().flatten()
-        out[sel] = u[rows[sel]].float() @ sv[h].float()
+    m, r = heads.numel(), u.shape[-1]
+    rows = (chunks[:, None] * chunk + torch.arange(chunk, device=u.device)).flatten()
+    x = u.index_select(0, rows).view(m, chunk, r).float()  # [m, C, r]
+    out = torch.bmm(x, sv.index_select(0, heads).float())  # [m, C, D]
     return rotary.apply(out, chunk_positions(chunks, chunk, start))
 
 

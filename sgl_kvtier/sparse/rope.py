@@ -13,7 +13,7 @@ other layouts and scaling types by name.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,9 @@ class Rotary:
 
     head_dim: int
     inv_freq: torch.Tensor
+    # On CPU, [cos, sin] of positions 0.. as computed below, grown on demand: decode
+    # rebuilds a few chunks per layer per step, where the transcendental calls dominated.
+    _table: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def rotary_dim(self) -> int:
@@ -62,6 +65,15 @@ class Rotary:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``cos, sin`` of shape ``(T, rotary_dim // 2)`` for ``positions (T,)``."""
+        if positions.device.type != "cpu" or positions.numel() == 0:
+            return self._angles(positions)
+        needed = int(positions.max()) + 1
+        if not self._table or self._table[0].shape[0] < needed:
+            size = max(needed, 2 * (self._table[0].shape[0] if self._table else 0), 4096)
+            self._table[:] = self._angles(torch.arange(size))
+        return self._table[0][positions], self._table[1][positions]
+
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angle = positions.to(torch.float64)[:, None] * self.inv_freq.to(positions.device)
         return angle.cos().float(), angle.sin().float()
 

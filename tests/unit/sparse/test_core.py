@@ -52,6 +52,15 @@ def test_rope_inverts_exactly_and_matches_rotate_half():
     assert torch.allclose(ROT.apply(x, pos), (x * cos + half * sin).float(), atol=1e-5)
 
 
+def test_cached_angle_table_gives_the_directly_computed_values():
+    rot = rotary_from_config({"rope_theta": 10_000.0, "head_dim": D})
+    for pos in (torch.tensor([0, 7, 3]), torch.tensor([9_000, 1, 12_345])):  # the second grows it
+        cos, sin = rot.cos_sin(pos)
+        angle = pos[:, None].double() * rot.inv_freq
+        assert torch.equal(cos, angle.cos().float()) and torch.equal(sin, angle.sin().float())
+    assert rot._table[0].shape[0] >= 12_346
+
+
 def test_llama3_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
