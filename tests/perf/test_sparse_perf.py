@@ -58,10 +58,10 @@ def _paths(context: int, batch: int):
 
 
 @pytest.mark.parametrize("context,batch,max_ratio", [
-    # measured 0.97-1.18 (one thread, 2 AMD EPYC cores, a busy neighbour): at 4k the
+    # measured 0.92-1.18 (one thread, 2 AMD EPYC cores, a busy neighbour): at 4k the
     # selection and bookkeeping cost about what the dense scan they replace costs
     (4096, 1, 1.5),
-    # measured 0.32-0.39: the 8k batch, where sparse decode must pay off
+    # measured 0.24-0.39: the 8k batch, where sparse decode must pay off
     (8192, 8, 0.7),
 ])
 def test_sparse_step_against_dense(benchmark, context, batch, max_ratio):
