@@ -107,7 +107,13 @@ def _check_sparse(config: KVTierConfig, args: argparse.Namespace) -> None:
     if args.attention_backend not in (None, "kvtier"):
         raise ConfigError(f"{where}: runs in the kvtier attention backend; "
                           f"--attention-backend {args.attention_backend} was given")
-    if config.sparse.kernel == "flashinfer" and getattr(args, "device", None) == "cpu":
+    if getattr(args, "device", None) != "cpu":
+        # On a GPU the kvtier backend hands decode to SGLang's FlashInfer backend, which
+        # would read the prompt slots a sparse request let go.
+        raise ConfigError(f"{where}: runs in the kvtier backend's CPU path in this release "
+                          f"(--device cpu); the GPU wiring is not done yet (got --device "
+                          f"{getattr(args, 'device', None) or 'auto'})")
+    if config.sparse.kernel == "flashinfer":
         raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
                           f"sparse.kernel: flashinfer needs a GPU; this server runs on "
                           f"--device cpu (use auto or torch)")

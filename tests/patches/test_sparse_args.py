@@ -14,6 +14,7 @@ def test_conflicting_server_arguments_are_named(tmp_path):
              "backend": [str(config), "--attention-backend", "torch_native"],
              "no_radix": [str(config), "--disable-radix-cache"],
              "kernel": [str(gpu_only)],
+             "gpu": [str(config), "--device", "cuda"],
              "fine": [str(config)]}
     out = python(f"""
         import io, contextlib
@@ -24,8 +25,8 @@ def test_conflicting_server_arguments_are_named(tmp_path):
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 try:
-                    args = prepare_server_args(["--enable-kvtier", "--kvtier-config", *extra,
-                                                "--model-path", "x", "--device", "cpu"])
+                    args = prepare_server_args(["--enable-kvtier", "--device", "cpu",
+                                                "--model-path", "x", "--kvtier-config", *extra])
                     line = args.radix_cache_backend + " " + args.attention_backend
                 except SystemExit as e:
                     line = str(e.code) + " " + err.getvalue().strip().splitlines()[-1]
@@ -39,7 +40,9 @@ def test_conflicting_server_arguments_are_named(tmp_path):
                 "backend": "sparse.enabled: runs in the kvtier attention backend; "
                            "--attention-backend torch_native was given",
                 "no_radix": "sparse.enabled: cannot be used with --disable-radix-cache",
-                "kernel": "sparse.kernel: flashinfer needs a GPU"}
+                "kernel": "sparse.kernel: flashinfer needs a GPU",
+                "gpu": "sparse.enabled: runs in the kvtier backend's CPU path in this release "
+                       "(--device cpu); the GPU wiring is not done yet (got --device cuda)"}
     for name, fragment in expected.items():
         assert lines[name].startswith("2 kvtier config ") and fragment in lines[name], \
             (name, lines[name])
