@@ -96,8 +96,7 @@ class KVTierAttnBackend(SparseDecode, TorchNativeAttnBackend):
         runs = self._decode_runs
         if runs is None or len(runs) != seq_lens.shape[0]:
             runs = [None] * seq_lens.shape[0]
-        sparse = self._sparse_decode(query, output, k_cache, v_cache, req_to_token,
-                                     req_pool_indices, seq_lens, scaling)
+        sparse = self._sparse_decode(query, output, k_cache, v_cache, scaling)
         for i, (row, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
             if i in sparse:
                 continue

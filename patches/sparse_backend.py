@@ -29,6 +29,7 @@ class SparseDecode:
     """Attention-backend mixin; inert until :meth:`_sparse_init` installs a manager."""
 
     _sparse_rows: list[tuple[int, str, int]] = ()
+    _sparse_tails: list = ()
     _sparse_step = None
     _layer_id = 0
 
@@ -62,6 +63,11 @@ class SparseDecode:
                 self._sparse_rows.append((i, rid, boundary))
         if self._sparse_rows:
             self._sparse_step = link.manager.step([rid for _, rid, _ in self._sparse_rows])
+            # Each sparse row's decode tokens in the pool (the current one included: its
+            # slot is in the table before the forward), the same in every layer.
+            table, totals = self.req_to_token_pool.req_to_token, forward_batch.seq_lens.tolist()
+            self._sparse_tails = [table[rows[i], boundary:totals[i]].long()
+                                  for i, _, boundary in self._sparse_rows]
             self.stats["decode_sparse"] = self.stats.get("decode_sparse", 0) + len(
                 self._sparse_rows)
 
@@ -85,18 +91,15 @@ class SparseDecode:
         self._layer_id = layer.layer_id
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
-    def _sparse_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
-                       seq_lens, scaling) -> set[int]:
+    def _sparse_decode(self, query, output, k_cache, v_cache, scaling) -> set[int]:
         """Attend the sparse rows into ``output``; returns their batch indices."""
         if self._sparse_step is None:
             return set()
         index = [i for i, _, _ in self._sparse_rows]
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out, lse = self._sparse_step.run(self._layer_id, query[index], scale)
-        rows, totals = req_pool_indices.tolist(), seq_lens.tolist()
-        for j, (i, _, boundary) in enumerate(self._sparse_rows):
-            slots = req_to_token[rows[i], boundary:totals[i]].long()
-            k, v = k_cache[slots], v_cache[slots]
+        for j, (i, slots) in enumerate(zip(index, self._sparse_tails)):
+            k, v = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
             merged = merge_tail(query[i], (out[j], lse[j]), k.to(query.dtype),
                                 v.to(query.dtype), scale)
             output[i] = merged.to(output.dtype)
