@@ -74,5 +74,8 @@ def _question_in_decode(server: Server, sample, count) -> tuple:
     model answer on one line. Returns the generation and the text after the question."""
     context, question = split_question(sample.prompt)
     regex = literal_regex(question) + "[^\\n]{1,120}"
-    gen = server.generate(context, count(question) + 8 + sample.max_new_tokens, regex=regex)
+    # The regex lets the model spell the question in any tokenization, which may take more
+    # tokens than the tokenizer's own: room for twice as many before the answer's.
+    gen = server.generate(context, 2 * count(question) + 16 + sample.max_new_tokens,
+                          regex=regex)
     return gen, gen.text[len(question):] if gen.text.startswith(question) else gen.text
