@@ -12,10 +12,15 @@ every ratio comes from one server in one run.
   requests sent together; a step's time is the median gap between a stream's tokens after
   the first ``_SKIP`` (the first steps include the switch to sparse).
 - **Capacity**: a second server with ``--max-total-tokens --pool-tokens`` gets
-  ``--requests`` distinct 8k prompts at once, dense, then sparse; each request's decode
-  interval is taken from its stream, and the most that overlap is the capacity. The pool
-  tokens a sparse request releases and the host bytes of its state come from
-  ``/get_server_info``.
+  ``--dense-requests`` distinct 8k prompts at once, dense, then ``--requests`` others,
+  sparse; each request's decode interval is taken from its stream, and the most that
+  overlap is the capacity. A dense request holds its prompt's slots until it ends; a sparse
+  one lets go of them after its first decode step, so the next queued prompt is admitted
+  while it decodes. The pool tokens a sparse request releases and the host bytes of its
+  state come from ``/get_server_info``.
+
+Either part alone: ``--skip-capacity`` or ``--skip-steps`` (then point ``--out`` elsewhere,
+e.g. ``docs/results/sparse-capacity``).
 
 Writes ``table.md`` and ``perf.json`` under ``--out`` (default
 ``docs/results/sparse-perf``), tagged with the CPU and whether it has AVX512-BF16.
@@ -114,16 +119,19 @@ def _most_overlapping(results: list) -> int:
     return best
 
 
-def capacity(server: Server, tok, requests: int, context: int, tokens: int) -> dict:
+def capacity(server: Server, tok, requests: dict[str, int], context: int,
+             tokens: int) -> dict:
+    """Most requests decoding together, dense then sparse (``requests``: how many each)."""
     info = lambda: server.server_info()["internal_states"][0]["kvtier"]["sparse"]
     out = {}
     for name, sampling, base in (("dense", DENSE, 200_000), ("sparse", {}, 400_000)):
-        prompts = [token_prompt(tok, context, offset=base + 6_007 * i) for i in range(requests)]
+        prompts = [token_prompt(tok, context, offset=base + 6_007 * i)
+                   for i in range(requests[name])]
         before = info()
         results = _together(server, prompts, tokens, sampling)
         after = info()
         out[name] = _most_overlapping(results)
-        print(f"  {name}: at most {out[name]} of {requests} requests decoding together",
+        print(f"  {name}: at most {out[name]} of {len(prompts)} requests decoding together",
               flush=True)
         server.flush_cache()
     released = after["pool_tokens_released"] - before["pool_tokens_released"]
@@ -133,23 +141,38 @@ def capacity(server: Server, tok, requests: int, context: int, tokens: int) -> d
     return out
 
 
-def _table(rows: list[dict], cap: dict, args, machine: str) -> str:
-    lines = [f"# Sparse decode on CPU: {machine}", "",
-             "Median time per decode step of the whole batch (float32, embedded SmolLM2-135M,"
+def _step_lines(rows: list[dict], args) -> list[str]:
+    lines = ["Median time per decode step of the whole batch (float32, embedded SmolLM2-135M,"
              f" default sparse settings, {args.decode_tokens} tokens per request).", "",
              "| context | batch | dense ms/step | sparse ms/step | sparse speed-up |",
              "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['context']} | {r['batch']} | {r['dense_step_s'] * 1000:.0f} | "
-              f"{r['sparse_step_s'] * 1000:.0f} | {r['speedup']:.2f}x |" for r in rows]
-    lines += ["", f"Capacity: {args.requests} distinct {args.context}-token requests sent at "
-              f"once to a server with --max-total-tokens {args.pool_tokens}, "
-              f"{args.capacity_tokens} tokens each.", "",
-              "| decode | most requests decoding together |", "|---|---:|",
-              f"| dense | {cap['dense']} |", f"| sparse | {cap['sparse']} |", "",
-              f"Pool tokens released per sparse request: "
-              f"{cap['sparse_pool_tokens_released_per_request']:.0f}; host bytes per prompt "
-              f"state: {cap['sparse_host_bytes_per_state'] / 2**20:.1f} MiB.", "",
-              "Command: `.venv/bin/python eval/sparse_decode_perf.py`"]
+    return lines + [f"| {r['context']} | {r['batch']} | {r['dense_step_s'] * 1000:.0f} | "
+                    f"{r['sparse_step_s'] * 1000:.0f} | {r['speedup']:.2f}x |" for r in rows]
+
+
+def _capacity_lines(cap: dict, args) -> list[str]:
+    ratio = cap["sparse"] / max(cap["dense"], 1)
+    return [f"Capacity: distinct {args.context}-token prompts sent at once to a server with "
+            f"--max-total-tokens {args.pool_tokens}, {args.capacity_tokens} tokens each "
+            f"({args.dense_requests} dense, then {args.requests} sparse); a request decodes "
+            "from its first token to its last.", "",
+            "| decode | requests sent | most decoding together |", "|---|---:|---:|",
+            f"| dense | {args.dense_requests} | {cap['dense']} |",
+            f"| sparse | {args.requests} | {cap['sparse']} ({ratio:.1f}x dense) |", "",
+            f"Pool tokens released per sparse request: "
+            f"{cap['sparse_pool_tokens_released_per_request']:.0f} of {args.context} (it keeps "
+            f"only its decode tokens in the pool); host bytes per prompt state: "
+            f"{cap['sparse_host_bytes_per_state'] / 2**20:.1f} MiB."]
+
+
+def _table(rows: list[dict], cap: dict | None, args, machine: str) -> str:
+    lines = [f"# Sparse decode on CPU: {machine}", ""]
+    if rows:
+        lines += _step_lines(rows, args) + [""]
+    if cap is not None:
+        lines += _capacity_lines(cap, args) + [""]
+    command = " ".join([".venv/bin/python eval/sparse_decode_perf.py", *sys.argv[1:]])
+    lines += [f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -165,12 +188,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8000,
                         help="prompt length of the capacity runs")
     parser.add_argument("--requests", type=int, default=10,
-                        help="requests sent at once in each capacity run")
+                        help="requests sent at once in the sparse capacity run")
+    parser.add_argument("--dense-requests", type=int, default=4,
+                        help="requests sent at once in the dense capacity run (more than fit)")
     parser.add_argument("--pool-tokens", type=int, default=20_000,
                         help="--max-total-tokens of the capacity server")
     parser.add_argument("--capacity-tokens", type=int, default=96,
                         help="tokens per request in the capacity runs")
     parser.add_argument("--skip-capacity", action="store_true", help="step times only")
+    parser.add_argument("--skip-steps", action="store_true", help="capacity only")
     parser.add_argument("--out", type=Path, default=Path("docs/results/sparse-perf"),
                         help="folder for table.md and perf.json")
     args = parser.parse_args()
@@ -179,15 +205,16 @@ def main() -> None:
     print(machine, flush=True)
     tok = load_tokenizer(model_path("smollm2"))
     pool = max(args.contexts) * max(args.batches) + 8192  # the batch, cached once
+    rows, cap = [], None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        with _server(folder, "steps", ["--max-total-tokens", str(pool)]) as server:
-            rows = step_times(server, tok, args.contexts, args.batches, args.decode_tokens)
-        cap = {"dense": None, "sparse": None, "sparse_pool_tokens_released_per_request": 0,
-               "sparse_host_bytes_per_state": 0}
+        if not args.skip_steps:
+            with _server(folder, "steps", ["--max-total-tokens", str(pool)]) as server:
+                rows = step_times(server, tok, args.contexts, args.batches, args.decode_tokens)
         if not args.skip_capacity:
             with _server(folder, "capacity", ["--max-total-tokens", str(args.pool_tokens)]) as s:
-                cap = capacity(s, tok, args.requests, args.context, args.capacity_tokens)
+                cap = capacity(s, tok, {"dense": args.dense_requests, "sparse": args.requests},
+                               args.context, args.capacity_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "perf.json").write_text(json.dumps(
         {"machine": machine, **provenance(), "steps": rows, "capacity": cap,

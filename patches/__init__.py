@@ -30,9 +30,10 @@ def _hooks(enabled: bool) -> list[tuple]:
     if _state.is_launcher():
         return list(cli.HOOKS)
     # The scheduler module costs seconds to import; only its own process needs it.
-    from sgl_kvtier.patches import scheduler_state, tier_loads
+    from sgl_kvtier.patches import scheduler_state, sparse_cache, tier_loads
 
-    return list(cli.HOOKS) + list(scheduler_state.HOOKS) + list(tier_loads.HOOKS)
+    return (list(cli.HOOKS) + list(scheduler_state.HOOKS) + list(tier_loads.HOOKS)
+            + list(sparse_cache.HOOKS))
 
 
 def register() -> None:

@@ -15,15 +15,23 @@ again when the request ends, then frees ``[cache_protected_len, owned)`` and unl
   gone. ``cache_protected_len`` stays at the prompt boundary, so SGLang frees exactly the
   decode slots and its memory checks still add up.
 - ``on_release`` (finish, abort, retraction) and ``reset`` forget the request.
+
+SGLang shuts admission (``running_batch.batch_is_full``) when a prefill does not fit and
+opens it again only when a request leaves the batch. A release frees room without anyone
+leaving, so :data:`HOOKS` opens admission before the next prefill is planned
+(``Scheduler.get_new_batch_prefill``, BEFORE); otherwise the queue waits for a request to
+finish and the released pool sits unused.
 """
 
 from __future__ import annotations
 
 import logging
 
+from sglang.srt.plugins.hook_registry import HookType
+
 from sgl_kvtier.patches.sparse_bridge import bridge
 
-__all__ = ["SparseRelease", "wants_sparse"]
+__all__ = ["SparseRelease", "wants_sparse", "HOOKS"]
 
 log = logging.getLogger("sgl_kvtier")
 
@@ -39,6 +47,7 @@ class SparseRelease:
     """Radix-cache mixin; inert when the process has no sparse bridge."""
 
     sparse_released_tokens = 0
+    sparse_room_freed = False  # a release since admission last looked (see HOOKS)
     sparse_metrics = None  # patches.tier_metrics.SparseMetrics with --enable-metrics
 
     @property
@@ -83,6 +92,7 @@ class SparseRelease:
             req.lock = None
             self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :boundary] = 0
             link.released.add(rid)
+            self.sparse_room_freed = True
             self.sparse_released_tokens += boundary
             link.manager.counters.pool_tokens_released += boundary
         if self.sparse_metrics is not None:
@@ -99,3 +109,14 @@ class SparseRelease:
         self._sparse_reqs.clear()
         if (link := bridge()) is not None:
             link.clear()
+
+
+def _reopen_admission(scheduler, running_batch, *args, **kwargs):
+    cache = scheduler.tree_cache
+    if getattr(cache, "sparse_room_freed", False):
+        cache.sparse_room_freed = False
+        running_batch.batch_is_full = False
+
+
+HOOKS = [("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", _reopen_admission,
+          HookType.BEFORE)]

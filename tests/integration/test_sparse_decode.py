@@ -5,9 +5,11 @@ dense decode's answers token for token: that checks the whole path (RoPE undone 
 state built from the pool, page table, merge with the decode tokens) in a mixed batch of
 dense and sparse requests, two of which share one document's state. ``tight`` has the
 default sizes and a small KV pool: a decoding sparse request's prompt must really be
-evicted while it decodes, and the request must not notice.
+evicted while it decodes, and the request must not notice; and the room a sparse request
+gives back must admit a queued prompt at once, not when some request ends.
 """
 
+import itertools
 import re
 import threading
 import time
@@ -130,3 +132,36 @@ def test_a_decoding_requests_prompt_is_evicted_under_it(tight, tok):
 
 def tight_released(server) -> int:
     return _sparse(server)["pool_tokens_released"]
+
+
+def _decoding_together(server, prompts, tokens, sampling) -> int:
+    """Send the prompts at once; the most whose decodes (first token to last) overlap."""
+    spans = [None] * len(prompts)
+
+    def one(i):
+        start = time.perf_counter()
+        g = server.generate(prompts[i], tokens, ignore_eos=True, **sampling)
+        spans[i] = (start + g.token_times[0], start + g.token_times[-1])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    return max(itertools.accumulate(d for _, d in events))
+
+
+def test_released_room_admits_a_queued_prompt_while_others_decode(tight, tok):
+    # 5000 slots hold two 2048-token prompts, not three: densely the third waits for one to
+    # finish (two decode together); sparse requests give their prompts back after their
+    # first step, and the third must be admitted then (three decode together).
+    def three(base):
+        return [token_prompt(tok, 2048, offset=base + 7_001 * i) for i in range(3)]
+
+    tight.flush_cache()
+    assert _decoding_together(tight, three(100_000), 48, DENSE) == 2
+    tight.flush_cache()
+    released = tight_released(tight)
+    assert _decoding_together(tight, three(200_000), 48, {}) == 3
+    assert tight_released(tight) - released >= 3 * 2000
