@@ -119,6 +119,13 @@ class SparseConfig(_Section):
     outlier_min_chunks: int = Field(4, ge=0, description="floor of the outlier chunks")
     sink_tokens: int = Field(16, ge=0, description="first tokens kept dense")
     local_tokens: int = Field(64, ge=0, description="last prompt tokens kept dense")
+    selection: Literal["landmark", "bound"] = Field("landmark", description=(
+        "how a query scores a chunk: landmark (ShadowKV: its mean key) or bound (Quest: an "
+        "upper bound on q.k from the chunk's per-dimension key min and max; 2x the "
+        "landmarks' device memory)"))
+    dense_layers: int = Field(0, ge=0, description=(
+        "first layers that attend the whole prompt exactly (its KV copied off the pool), "
+        "as Quest keeps layers 0-1 dense"))
     workspace: Size = Field(parse_size("1GiB"), gt=0, description=(
         "device bytes for the selected keys and values of all sparse requests; a request "
         "that finds it full decodes densely"))

@@ -6,6 +6,9 @@ workspace region up to date; one paged attention covers every region
 (``[sink | outliers | local | selected]``: the whole prompt as the request sees it); the
 caller's tail (every generated token, which stays in the KV pool) is attended separately and
 the two states merge exactly. The tail has no length limit, so neither has the output.
+
+The first ``dense_layers`` layers (see :class:`SparseRequest`) skip selection and attend
+the request's whole prompt exactly instead.
 """
 
 from __future__ import annotations
@@ -56,12 +59,24 @@ class SparseStep:
         lse : torch.Tensor
             ``(B, H_q)`` float32 (natural log).
         """
+        if layer < len(self.requests[0].prompt_kv):
+            return self._exact(layer, q, scale)
         for b, request in enumerate(self.requests):
             request.step(layer, q[b], scale)
         ws = self.workspace
         out, lse = self.attend(flatten_queries(q, self.heads), ws.k[layer], ws.v[layer],
                                self.table, scale)
         return out.view(q.shape[0], q.shape[1], -1), lse.view(q.shape[0], q.shape[1])
+
+    def _exact(self, layer: int, q: torch.Tensor, scale: float):
+        h = self.heads
+        outs, lses = [], []
+        for b, request in enumerate(self.requests):
+            k, v = request.prompt_kv[layer]
+            out, lse = partial_attention(q[b].view(h, q.shape[1] // h, -1), k, v, scale)
+            outs.append(out.reshape(q.shape[1], -1))
+            lses.append(lse.reshape(-1))
+        return torch.stack(outs), torch.stack(lses)
 
 
 def merge_tail(q: torch.Tensor, sparse: tuple[torch.Tensor, torch.Tensor],

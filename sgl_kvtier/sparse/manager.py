@@ -122,13 +122,18 @@ class SparseManager:
         kv = [read_layer(layer) for layer in range(self.shape[0])]
         shared = self._shared.get(key)
         if shared is None:
-            shared = _Shared([build_layer_state(k, v, plan, self.rotary, self.device)
-                              for k, v in kv])
+            bounds = self.config.selection == "bound"
+            shared = _Shared([build_layer_state(k, v, plan, self.rotary, self.device,
+                                                bounds=bounds) for k, v in kv])
         else:
             self.counters.shared_hits += 1
         local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]
+        exact = [(k.transpose(0, 1).to(self.device).contiguous(),
+                  v.transpose(0, 1).to(self.device).contiguous())
+                 for k, v in kv[:self.config.dense_layers]]
         try:
-            request = SparseRequest(shared.layers, plan, self.workspace, self.rotary, local)
+            request = SparseRequest(shared.layers, plan, self.workspace, self.rotary, local,
+                                    exact)
         except WorkspaceFull as e:
             self.counters.refused_workspace_full += 1
             log.warning("sgl_kvtier: sparse decode: request %s stays dense: %s", rid, e)
@@ -165,8 +170,9 @@ class SparseManager:
         return sum(s.host_bytes() for s in self._shared.values())
 
     def device_bytes(self) -> int:
-        """Shared states on the device plus the workspace buffers."""
-        return sum(s.device_bytes() for s in self._shared.values()) + self.workspace.nbytes()
+        """Shared states on the device, the workspace buffers and the dense layers' copies."""
+        return (sum(s.device_bytes() for s in self._shared.values()) + self.workspace.nbytes()
+                + sum(r.prompt_kv_bytes() for r in self.requests.values()))
 
     def report(self) -> dict:
         """Counters and sizes for ``/get_server_info``."""

@@ -17,7 +17,7 @@ import torch
 from sgl_kvtier.sparse.budget import SparsePlan
 from sgl_kvtier.sparse.ops import gather_values, rebuild_keys
 from sgl_kvtier.sparse.rope import Rotary
-from sgl_kvtier.sparse.select import chunk_scores, select_chunks
+from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
 from sgl_kvtier.sparse.state import LayerState
 from sgl_kvtier.sparse.workspace import SparseWorkspace
 
@@ -58,11 +58,16 @@ class SparseRequest:
     local : list of (k, v)
         Per layer, ``(plan.local, H, D)`` post-RoPE keys and values of the prompt's last
         tokens (the request's own, never shared).
+    prompt_kv : list of (k, v), optional
+        For each of the first layers that attend densely, ``(H, T, D)`` post-RoPE keys and
+        values of the whole prompt (the request's own copy; those layers never select).
     """
 
     def __init__(self, layers: list[LayerState], plan: SparsePlan, workspace: SparseWorkspace,
-                 rotary: Rotary, local: list[tuple[torch.Tensor, torch.Tensor]]):
+                 rotary: Rotary, local: list[tuple[torch.Tensor, torch.Tensor]],
+                 prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] = ()):
         self.layers, self.plan, self.workspace, self.rotary = layers, plan, workspace, rotary
+        self.prompt_kv = list(prompt_kv)
         self.heads = layers[0].sv.shape[0]
         self.region = plan.dense + plan.selected
         self.base = workspace.allocate(self.heads * self.region)
@@ -74,6 +79,9 @@ class SparseRequest:
         for index, (state, (k, v)) in enumerate(zip(layers, local, strict=True)):
             assert k.shape[0] == plan.local, (k.shape, plan.local)
             self._write_dense(index, state, k, v)
+
+    def prompt_kv_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.prompt_kv)
 
     def release(self) -> None:
         """Give the workspace region back (the request finished or went dense)."""
@@ -100,7 +108,10 @@ class SparseRequest:
         """
         state = self.layers[layer]
         start = time.perf_counter()
-        scores = chunk_scores(q, state.landmarks, state.selectable, scale)
+        if state.bounds is None:
+            scores = chunk_scores(q, state.landmarks, state.selectable, scale)
+        else:
+            scores = bound_scores(q, state.bounds, state.selectable, scale)
         chunks = select_chunks(scores, self.plan.selected_chunks)
         self.stats.select_seconds += time.perf_counter() - start
         self.refresh(layer, chunks)

@@ -1,16 +1,17 @@
 """Which chunks each KV head attends at one decode step.
 
-A chunk's landmark stands for its keys. Each query head takes the softmax of its scores
-over the chunks; a KV head keeps a chunk if *any* query head of its group wants it (max over
-the group, as ShadowKV does), then the ``k`` best chunks per KV head are selected. Heads
-select independently: a needle seen by one head need not be paid for by all.
+A chunk's landmark stands for its keys (with ``selection: bound``, the box around its keys
+does). Each query head takes the softmax of its scores over the chunks; a KV head keeps a
+chunk if *any* query head of its group wants it (max over the group, as ShadowKV does), then
+the ``k`` best chunks per KV head are selected. Heads select independently: a needle seen by
+one head need not be paid for by all.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["chunk_scores", "select_chunks"]
+__all__ = ["chunk_scores", "bound_scores", "select_chunks"]
 
 
 def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -38,6 +39,39 @@ def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     g = q.shape[0] // h
     logits = q.float().view(h, g, d) @ landmarks.float().transpose(1, 2) * scale  # [H, G, N]
     logits = logits.masked_fill(~selectable[:, None, :], float("-inf"))
+    return logits.softmax(-1).amax(1)
+
+
+def bound_scores(q: torch.Tensor, bounds: torch.Tensor, selectable: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Per-KV-head chunk scores from Quest's bound on ``q . k`` over a chunk's keys.
+
+    ``sum_d max(q_d * min_d, q_d * max_d)`` is the largest score any key inside the chunk's
+    per-dimension box can get: a chunk with one key that matches the query stands out even
+    when its mean key does not. Softmax per query head and max over the group, as in
+    :func:`chunk_scores`.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(H_q, D)``.
+    bounds : torch.Tensor
+        ``(2, H, N, D)`` per-chunk key minimum and maximum (post-RoPE).
+    selectable : torch.Tensor
+        ``(H, N)`` bool.
+    scale : float
+        The attention's softmax scale.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(H, N)`` float32 in ``[0, 1]``.
+    """
+    low, high = bounds.float()
+    h, n, d = high.shape
+    q = q.float().view(h, -1, d)
+    logits = (q.clamp(min=0) @ high.transpose(1, 2) + q.clamp(max=0) @ low.transpose(1, 2))
+    logits = (logits * scale).masked_fill(~selectable[:, None, :], float("-inf"))
     return logits.softmax(-1).amax(1)
 
 

@@ -50,6 +50,9 @@ class LayerState:
         ``(H, N, C, D)`` the middle's values, in host memory.
     start : int
         Position of the middle's first token (``S``).
+    bounds : torch.Tensor or None
+        ``(2, H, N, D)`` per chunk, the smallest and largest post-RoPE key per dimension
+        (for ``selection: bound``; None otherwise).
     """
 
     sink_k: torch.Tensor
@@ -63,12 +66,16 @@ class LayerState:
     outlier_v: torch.Tensor
     values: torch.Tensor
     start: int
+    bounds: torch.Tensor | None = None
 
     def nbytes(self) -> dict[str, int]:
         """Bytes per buffer; ``values`` is the host side, the rest the device side."""
-        return {name: _bytes(getattr(self, name)) for name in
-                ("sink_k", "sink_v", "u", "sv", "landmarks", "selectable", "outlier_ids",
-                 "outlier_k", "outlier_v", "values")}
+        names = ("sink_k", "sink_v", "u", "sv", "landmarks", "selectable", "outlier_ids",
+                 "outlier_k", "outlier_v", "values")
+        out = {name: _bytes(getattr(self, name)) for name in names}
+        if self.bounds is not None:
+            out["bounds"] = _bytes(self.bounds)
+        return out
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -77,7 +84,7 @@ def _bytes(t: torch.Tensor) -> int:
 
 def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary: Rotary,
                       device: torch.device | str | None = None,
-                      host: torch.device | str = "cpu") -> LayerState:
+                      host: torch.device | str = "cpu", bounds: bool = False) -> LayerState:
     """Build one layer's state from the prompt's post-RoPE keys and values.
 
     Parameters
@@ -91,6 +98,8 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
         The model's rotation, to recover the pre-RoPE keys.
     device, host : torch.device or str
         Where the device-side buffers and the values go (default: ``k``'s device, CPU).
+    bounds : bool
+        Also keep each chunk's per-dimension key min and max (``selection: bound``).
 
     Returns
     -------
@@ -120,7 +129,9 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
         sink_k=dev(k[:s].transpose(0, 1)), sink_v=dev(v[:s].transpose(0, 1)),
         u=dev(u), sv=dev(sv), landmarks=dev(landmarks), selectable=selectable.to(device),
         outlier_ids=ids.to(device), outlier_k=dev(out_k), outlier_v=dev(out_v),
-        values=host_values, start=s)
+        values=host_values, start=s,
+        bounds=dev(torch.stack([chunks.amin(1), chunks.amax(1)]).transpose(1, 2))
+        if bounds else None)
 
 
 def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from sgl_kvtier.sparse.decode import SparseStep, merge_tail
 from sgl_kvtier.sparse.paged import paged_decode, paged_decode_ref, region_table
 from sgl_kvtier.sparse.request import SparseRequest, assign_slots
 from sgl_kvtier.sparse.rope import Rotary, inv_freq, rotary_from_config
-from sgl_kvtier.sparse.select import chunk_scores, select_chunks
+from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
 from sgl_kvtier.sparse.state import build_layer_state, low_rank_keys
 from sgl_kvtier.sparse.workspace import SparseWorkspace, WorkspaceFull
 
@@ -196,3 +196,26 @@ def test_small_budget_finds_a_planted_needle_and_reuses_held_chunks():
     step.run(0, q[None], D ** -0.5)
     assert request.stats.missed_chunks == missed  # same query: every chunk was a hit
     assert request.stats.hit_rate == 0.5
+
+
+def test_bound_scores_bound_every_key_and_catch_what_the_mean_hides():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 7, 8, 16, generator=gen)  # [H, N, C, D]
+    q = torch.randn(6, 16, generator=gen)  # 3 query heads per KV head
+    low, high = keys.amin(2), keys.amax(2)  # [H, N, D]
+    qg = q.view(2, 3, 1, 16)
+    corner = torch.maximum(qg * low[:, None], qg * high[:, None]).sum(-1)  # [H, G, N]
+    true_max = (qg[:, :, :, None] * keys[:, None]).sum(-1).amax(-1)
+    assert (corner >= true_max - 1e-4).all()  # no key in the chunk scores above its bound
+    got = bound_scores(q, torch.stack([low, high]), torch.ones(2, 7, dtype=torch.bool), 0.5)
+    torch.testing.assert_close(got, (corner * 0.5).softmax(-1).amax(1))
+    # One key along the query among seven against it: the mean points away, the box not.
+    q1 = torch.zeros(1, 4)
+    q1[0, 0] = 1.0
+    chunks = torch.zeros(1, 3, 8, 4)
+    chunks[0, 1, 0, 0], chunks[0, 1, 1:, 0] = 8.0, -2.0
+    chunks[0, 2, :, 0] = 0.5  # a uniformly mild chunk
+    ok = torch.ones(1, 3, dtype=torch.bool)
+    assert select_chunks(chunk_scores(q1, chunks.mean(2), ok, 1.0), 1).item() == 2
+    box = torch.stack([chunks.amin(2), chunks.amax(2)])
+    assert select_chunks(bound_scores(q1, box, ok, 1.0), 1).item() == 1

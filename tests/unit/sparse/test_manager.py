@@ -2,6 +2,7 @@
 
 import torch
 
+from sgl_kvtier.attention.merge import partial_attention_ref
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.sparse.manager import SparseManager
 from sgl_kvtier.sparse.rope import Rotary, inv_freq
@@ -52,3 +53,24 @@ def test_a_full_workspace_leaves_the_request_dense():
     tokens = list(range(600))
     assert not manager.convert("a", tokens, _reader(tokens, 0))
     assert manager.report()["refused_workspace_full"] == 1 and "a" not in manager.requests
+
+
+def test_dense_layers_attend_the_whole_prompt_exactly_and_the_rest_select():
+    manager = SparseManager(CONFIG.model_copy(update={"dense_layers": 1}),
+                            Rotary(D, inv_freq(D, 10000.0)), L, H, D, 4000, torch.float32,
+                            "cpu")
+    tokens = list(range(600))
+    read = _reader(tokens, 3)
+    assert manager.convert("a", tokens, read)
+    q = torch.randn(1, H * 2, D)
+    step = manager.step(["a"])
+    k, v = read(0)
+    want, want_lse = partial_attention_ref(q[0].view(H, 2, D), k.transpose(0, 1),
+                                           v.transpose(0, 1), D ** -0.5)
+    out, lse = step.run(0, q, D ** -0.5)
+    torch.testing.assert_close(out[0], want.reshape(H * 2, D), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[0], want_lse.reshape(-1), rtol=1e-5, atol=1e-5)
+    assert manager.report()["selected_chunks"] == 0  # layer 0 selected nothing
+    step.run(1, q, D ** -0.5)
+    assert manager.report()["selected_chunks"] > 0  # layer 1 is sparse
+    assert manager.device_bytes() - manager.workspace.nbytes() >= 2 * 600 * H * D * 4
