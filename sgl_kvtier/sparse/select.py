@@ -36,10 +36,8 @@ def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
         ``(H, N)`` float32 in ``[0, 1]``.
     """
     h, n, d = landmarks.shape
-    g = q.shape[0] // h
-    logits = q.float().view(h, g, d) @ landmarks.float().transpose(1, 2) * scale  # [H, G, N]
-    logits = logits.masked_fill(~selectable[:, None, :], float("-inf"))
-    return logits.softmax(-1).amax(1)
+    logits = q.float().view(h, -1, d) @ landmarks.float().transpose(1, 2)  # [H, G, N]
+    return _group_max(logits * scale, selectable)
 
 
 def bound_scores(q: torch.Tensor, bounds: torch.Tensor, selectable: torch.Tensor,
@@ -51,27 +49,19 @@ def bound_scores(q: torch.Tensor, bounds: torch.Tensor, selectable: torch.Tensor
     when its mean key does not. Softmax per query head and max over the group, as in
     :func:`chunk_scores`.
 
-    Parameters
-    ----------
-    q : torch.Tensor
-        ``(H_q, D)``.
-    bounds : torch.Tensor
-        ``(2, H, N, D)`` per-chunk key minimum and maximum (post-RoPE).
-    selectable : torch.Tensor
-        ``(H, N)`` bool.
-    scale : float
-        The attention's softmax scale.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(H, N)`` float32 in ``[0, 1]``.
+    ``bounds`` is ``(2, H, N, D)``: per chunk, the smallest and the largest post-RoPE key
+    in each dimension; the other arguments and the result are as in :func:`chunk_scores`.
     """
     low, high = bounds.float()
     h, n, d = high.shape
     q = q.float().view(h, -1, d)
-    logits = (q.clamp(min=0) @ high.transpose(1, 2) + q.clamp(max=0) @ low.transpose(1, 2))
-    logits = (logits * scale).masked_fill(~selectable[:, None, :], float("-inf"))
+    logits = q.clamp(min=0) @ high.transpose(1, 2) + q.clamp(max=0) @ low.transpose(1, 2)
+    return _group_max(logits * scale, selectable)
+
+
+def _group_max(logits: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
+    # logits [H, G, N] -> softmax over the selectable chunks per query head, max over G.
+    logits = logits.masked_fill(~selectable[:, None, :], float("-inf"))
     return logits.softmax(-1).amax(1)
 
 
