@@ -1,0 +1,88 @@
+"""The measures of eval/sparse_selection_recall.py and the masking of
+eval/sparse_selection_decode.py, on synthetic attention (no model)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgl_kvtier.config import SparseConfig
+from sgl_kvtier.sparse.budget import plan_for
+
+EVAL = Path(__file__).resolve().parents[3] / "eval"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+recall = _script("sparse_selection_recall")
+decode = _script("sparse_selection_decode")
+H, G, D, T = 2, 3, 16, 600
+PLAN = plan_for(SparseConfig(enabled=True, budget_fraction=0.06, budget_min_tokens=32), T, H, D)
+
+
+def _data(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(H * G, 4, D, generator=gen), torch.randn(H, T + 4, D, generator=gen)
+
+
+def test_dense_probs_are_each_steps_causal_softmax():
+    q, keys = _data()
+    steps = torch.arange(T, T + 4)
+    probs = recall._dense_probs(q, keys, steps, 0.25)
+    for i, p in enumerate(steps.tolist()):
+        for head in range(H * G):
+            want = (q[head, i] @ keys[head // G, :p + 1].T * 0.25).softmax(-1)
+            torch.testing.assert_close(probs[head, i, :p + 1], want)
+            assert probs[head, i, p + 1:].sum() == 0
+
+
+def test_kept_is_one_for_every_chunk_and_the_middle_share_for_none():
+    q, keys = _data(1)
+    probs = recall._dense_probs(q, keys, torch.arange(T, T + 4), 0.25)[:, 0]
+    middle = probs[:, PLAN.sink:PLAN.shared].sum(1)
+    kept, lost = recall._kept(probs, torch.ones(H, PLAN.chunks, dtype=torch.bool), PLAN)
+    torch.testing.assert_close(kept, torch.ones(H * G))
+    torch.testing.assert_close(lost, torch.zeros(H * G), atol=1e-6, rtol=0)
+    kept, lost = recall._kept(probs, torch.zeros(H, PLAN.chunks, dtype=torch.bool), PLAN)
+    torch.testing.assert_close(kept, torch.zeros(H * G))
+    torch.testing.assert_close(lost, middle)
+
+
+def test_needle_counts_only_the_chosen_chunks_of_the_needle():
+    q, keys = _data(2)
+    probs = recall._dense_probs(q, keys, torch.arange(T, T + 4), 0.25)[:, 0]
+    needle = torch.arange(PLAN.sink + 3 * PLAN.chunk, PLAN.sink + 5 * PLAN.chunk)  # chunks 3-4
+    chosen = torch.zeros(H, PLAN.chunks, dtype=torch.bool)
+    chosen[0, 3] = True  # KV head 0 holds half the needle, head 1 none of it
+    kept, seen = recall._needle(probs, chosen, PLAN, needle)
+    assert seen == pytest.approx(float(probs[:, needle].sum()), rel=1e-5)
+    assert kept == pytest.approx(float(probs[:G, needle[:PLAN.chunk]].sum()), rel=1e-5)
+
+
+def test_mass_scores_pick_the_chunk_holding_the_attended_key():
+    q, keys = _data(3)
+    mid = keys[:, PLAN.sink:PLAN.shared].clone()
+    mid[1, 7 * PLAN.chunk + 2] = 40 * q[G, 0] / q[G, 0].norm()  # query head G reads KV head 1
+    scores = recall._mass_scores(q, mid, PLAN, 0.25)[:, 0]  # (H, N)
+    assert int(scores[1].argmax()) == 7
+    assert scores[1, 7] > 0.99
+
+
+def test_decode_masks_all_but_the_chosen_middle_chunks():
+    q, keys = _data(4)
+    k = keys[:, :T + 1]
+    state = type("State", (), {"selectable": torch.ones(H, PLAN.chunks, dtype=torch.bool)})()
+    decode._SEL.plan, decode._SEL.rule = PLAN, "oracle"
+    keep = decode._keep(q[:, 0], k, state, 0.25)
+    middle = keep[:, PLAN.sink:PLAN.shared].view(H, PLAN.chunks, PLAN.chunk)
+    assert keep[:, :PLAN.sink].all() and keep[:, PLAN.shared:].all()
+    assert (middle.all(-1) == middle.any(-1)).all()  # whole chunks
+    assert (middle.all(-1).sum(1) == PLAN.selected_chunks).all()
