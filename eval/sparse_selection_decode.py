@@ -4,10 +4,10 @@ with the embedded model (transformers, CPU, float32) under each selection rule.
     .venv/bin/python eval/sparse_selection_decode.py --out docs/results/sparse-selection-decode
 
 The same samples as ``eval/configs/sparse_forced_needle.yaml`` (RULER niah, question forced
-through decode steps, then a greedy answer up to its line's end). Prefill is dense; at every
-decode step each layer attends the sink, the outlier chunks, the local window, every token
-generated since the prompt, and the ``k`` middle chunks its rule selects per KV head, over
-the model's true keys and values unless the rule says otherwise.
+through decode steps, then a greedy answer of at most ``--max-answer-tokens``). Prefill is
+dense; at every decode step each layer attends the sink, the outlier chunks, the local
+window, every token generated since the prompt, and the ``k`` middle chunks its rule selects
+per KV head, over the model's true keys and values unless the rule says otherwise.
 
 - ``dense``: every chunk (the reference);
 - ``landmark``: ShadowKV's mean-key scores, the server's default (``select.py``);
@@ -41,6 +41,7 @@ from sgl_kvtier.eval.records import provenance
 from sgl_kvtier.eval.ruler import generate
 from sgl_kvtier.eval.ruler.scoring import score
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
+from sgl_kvtier.sparse.rope import Rotary
 from sgl_kvtier.sparse.select import chunk_scores, select_chunks
 from sgl_kvtier.sparse.state import LayerState, build_layer_state
 
@@ -53,7 +54,7 @@ class Selection:
 
     rule: str = "dense"
     plan: SparsePlan | None = None
-    rotary: object = None
+    rotary: Rotary | None = None
     states: dict[int, LayerState] = field(default_factory=dict)
     rebuilt: dict[int, torch.Tensor] = field(default_factory=dict)  # (H, M, D) per layer
 
