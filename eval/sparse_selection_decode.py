@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.eval.accuracy import split_question
+from sgl_kvtier.eval.offline_model import load_with_attention, rebuilt_middle, sdpa
 from sgl_kvtier.eval.paired import mean_interval
 from sgl_kvtier.eval.records import provenance
 from sgl_kvtier.eval.ruler import generate
@@ -63,16 +64,14 @@ _SEL = Selection()
 
 
 def _attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     layer = module.layer_idx
     if query.shape[2] > 1:  # prefill: dense, and the layer's sparse state from its prompt
         if _SEL.plan is not None:
             k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (T, H, D)
             state = build_layer_state(k, v, _SEL.plan, _SEL.rotary)
-            _SEL.states[layer], _SEL.rebuilt[layer] = state, _rebuilt_middle(state)
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, **kwargs)
+            _SEL.states[layer] = state
+            _SEL.rebuilt[layer] = rebuilt_middle(state, _SEL.plan, _SEL.rotary)
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     q, k, v = query[0, :, 0].float(), key[0].float(), value[0].float()  # (H_q, D), (H, T, D)
     h, t, d = k.shape
     if _SEL.rule == "landmark_lowrank":
@@ -104,12 +103,6 @@ def _keep(q: torch.Tensor, k: torch.Tensor, state: LayerState, scale: float) -> 
     return keep
 
 
-def _rebuilt_middle(state: LayerState) -> torch.Tensor:
-    plan = _SEL.plan
-    pre = torch.einsum("mr,hrd->mhd", state.u.float(), state.sv.float())
-    return _SEL.rotary.apply(pre, torch.arange(plan.sink, plan.shared)).transpose(0, 1)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for table.md and records.jsonl")
     args = parser.parse_args(argv)
     args.rules = ["dense"] + [r for r in args.rules if r != "dense"]
-    model, tokenizer, _SEL.rotary = _load_model()
+    model, tokenizer, _SEL.rotary = load_with_attention("kvtier_select", _attend)
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     samples = [s for task in args.tasks
                for s in generate(task, count, args.length, args.samples, args.seed, 24)]
@@ -158,20 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "records.jsonl").write_text(
             "\n".join(json.dumps(r, default=str) for r in [meta] + records) + "\n")
     return 0
-
-
-def _load_model():
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-
-    from sgl_kvtier.harness.models import model_path
-    from sgl_kvtier.sparse.rope import rotary_from_config
-
-    path = model_path("smollm2")
-    AttentionInterface.register("kvtier_select", _attend)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="kvtier_select")
-    config = json.loads((path / "config.json").read_text())
-    return model.eval(), AutoTokenizer.from_pretrained(path), rotary_from_config(config)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.eval.accuracy import split_question
+from sgl_kvtier.eval.offline_model import load_with_attention, rebuilt_middle, sdpa
 from sgl_kvtier.eval.records import provenance
 from sgl_kvtier.eval.ruler import generate
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for table.md, layers.png and "
                         "recall.json")
     args = parser.parse_args(argv)
-    model, tokenizer, rotary = _load_model()
+    model, tokenizer, rotary = load_with_attention("kvtier_capture", _capture)
     tallies: dict[tuple, Tally] = {}
     samples = [(task, s) for task in args.tasks
                for s in generate(task, _counter(tokenizer), args.length, args.samples,
@@ -117,24 +118,8 @@ _CAPTURED: dict[int, tuple[torch.Tensor, ...]] = {}
 
 
 def _capture(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     _CAPTURED[module.layer_idx] = (query[0].detach(), key[0].detach(), value[0].detach())
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _load_model():
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-
-    from sgl_kvtier.harness.models import model_path
-    from sgl_kvtier.sparse.rope import rotary_from_config
-
-    path = model_path("smollm2")
-    AttentionInterface.register("kvtier_capture", _capture)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="kvtier_capture")
-    config = json.loads((path / "config.json").read_text())
-    return model.eval(), AutoTokenizer.from_pretrained(path), rotary_from_config(config)
+    return sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
 @dataclass
@@ -185,7 +170,7 @@ def _measure(run: ForcedRun, config: SparseConfig, rotary: Rotary, tallies: dict
         probs = _dense_probs(q, run.k[layer][:, :int(steps[-1]) + 1].float(), steps, scale)
         mass = {"oracle": _mass_scores(q, run.k[layer][:, plan.sink:plan.shared].float(),
                                        plan, scale),
-                "lowrank": _mass_scores(q, _rebuilt_middle(state, plan, rotary), plan, scale)}
+                "lowrank": _mass_scores(q, rebuilt_middle(state, plan, rotary), plan, scale)}
         for i in range(len(steps)):
             phase = "answer" if i >= answer_from else "question"
             for rule in RULES:
@@ -196,11 +181,6 @@ def _measure(run: ForcedRun, config: SparseConfig, rotary: Rotary, tallies: dict
                     if phase == "answer" else (0.0, 0.0)
                 for key in ((rule, budget, phase, "all"), (rule, budget, phase, task)):
                     tallies.setdefault(key, Tally()).add(layer, kept, lost, needle)
-
-
-def _rebuilt_middle(state: LayerState, plan: SparsePlan, rotary: Rotary) -> torch.Tensor:
-    pre = torch.einsum("mr,hrd->mhd", state.u.float(), state.sv.float())
-    return rotary.apply(pre, torch.arange(plan.sink, plan.shared)).transpose(0, 1)
 
 
 def _dense_probs(q: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,

@@ -86,3 +86,17 @@ def test_decode_masks_all_but_the_chosen_middle_chunks():
     assert keep[:, :PLAN.sink].all() and keep[:, PLAN.shared:].all()
     assert (middle.all(-1) == middle.any(-1)).all()  # whole chunks
     assert (middle.all(-1).sum(1) == PLAN.selected_chunks).all()
+
+
+def test_rebuilt_middle_is_every_chunk_rebuilt_at_its_position():
+    from sgl_kvtier.eval.offline_model import rebuilt_middle
+    from sgl_kvtier.sparse.rope import Rotary, inv_freq
+    from sgl_kvtier.sparse.state import build_layer_state
+
+    rot = Rotary(D, inv_freq(D, 10000.0))
+    _, keys = _data(5)
+    k = keys.transpose(0, 1)[:T].contiguous()  # (T, H, D)
+    state = build_layer_state(k, torch.randn_like(k), PLAN, rot)
+    pre = torch.einsum("mr,hrd->mhd", state.u.float(), state.sv.float())
+    want = rot.apply(pre, torch.arange(PLAN.sink, PLAN.shared)).transpose(0, 1)
+    torch.testing.assert_close(rebuilt_middle(state, PLAN, rot), want)
