@@ -36,10 +36,15 @@ from tqdm import tqdm
 
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.eval.accuracy import split_question
-from sgl_kvtier.eval.offline_model import load_with_attention, rebuilt_middle, sdpa
+from sgl_kvtier.eval.offline_model import (
+    add_sample_arguments,
+    load_with_attention,
+    needle_samples,
+    rebuilt_middle,
+    sdpa,
+)
 from sgl_kvtier.eval.paired import mean_interval
 from sgl_kvtier.eval.records import provenance
-from sgl_kvtier.eval.ruler import generate
 from sgl_kvtier.eval.ruler.scoring import score
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
 from sgl_kvtier.sparse.rope import Rotary
@@ -106,16 +111,9 @@ def _keep(q: torch.Tensor, k: torch.Tensor, state: LayerState, scale: float) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+",
-                        default=["niah_single_1", "niah_single_2", "niah_single_3"],
-                        help="RULER niah tasks (default: niah_single_1/2/3)")
-    parser.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
-    parser.add_argument("--samples", type=int, default=6, help="samples per task (default 6)")
-    parser.add_argument("--seed", type=int, default=42, help="RULER seed (default 42)")
+    add_sample_arguments(parser)
     parser.add_argument("--budget", type=float, default=0.06,
                         help="budget fraction (default 0.06)")
-    parser.add_argument("--budget-min-tokens", type=int, default=32,
-                        help="budget floor in tokens (default 32, as sparse_forced_needle.yaml)")
     parser.add_argument("--max-answer-tokens", type=int, default=40,
                         help="greedy tokens after the question at most (default 40)")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
@@ -129,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.rules = ["dense"] + [r for r in args.rules if r != "dense"]
     model, tokenizer, _SEL.rotary = load_with_attention("kvtier_select", _attend)
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    samples = [s for task in args.tasks
-               for s in generate(task, count, args.length, args.samples, args.seed, 24)]
+    samples = needle_samples(tokenizer, args)
     config = SparseConfig(enabled=True, budget_fraction=args.budget,
                           budget_min_tokens=args.budget_min_tokens)
     records = []

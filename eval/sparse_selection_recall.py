@@ -33,9 +33,14 @@ from tqdm import tqdm
 
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.eval.accuracy import split_question
-from sgl_kvtier.eval.offline_model import load_with_attention, rebuilt_middle, sdpa
+from sgl_kvtier.eval.offline_model import (
+    add_sample_arguments,
+    load_with_attention,
+    needle_samples,
+    rebuilt_middle,
+    sdpa,
+)
 from sgl_kvtier.eval.records import provenance
-from sgl_kvtier.eval.ruler import generate
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
 from sgl_kvtier.sparse.rope import Rotary
 from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
@@ -76,26 +81,16 @@ class Tally:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+",
-                        default=["niah_single_1", "niah_single_2", "niah_single_3"],
-                        help="RULER niah tasks (default: niah_single_1/2/3)")
-    parser.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
-    parser.add_argument("--samples", type=int, default=6, help="samples per task (default 6)")
-    parser.add_argument("--seed", type=int, default=42, help="RULER seed (default 42, as the "
-                        "eval configs)")
+    add_sample_arguments(parser)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.06],
                         help="budget fractions to measure (default 0.06)")
-    parser.add_argument("--budget-min-tokens", type=int, default=32,
-                        help="budget floor in tokens (default 32, as sparse_forced_needle.yaml)")
     parser.add_argument("--out", type=Path, help="folder for table.md, layers.png and "
                         "recall.json")
     args = parser.parse_args(argv)
     model, tokenizer, rotary = load_with_attention("kvtier_capture", _capture)
     tallies: dict[tuple, Tally] = {}
-    samples = [(task, s) for task in args.tasks
-               for s in generate(task, _counter(tokenizer), args.length, args.samples,
-                                 args.seed, 24)]
-    for task, sample in tqdm(samples, desc="samples"):
+    for sample in tqdm(needle_samples(tokenizer, args), desc="samples"):
+        task = sample.task
         run = _teacher_forced(model, tokenizer, sample)
         for budget in args.budgets:
             config = SparseConfig(enabled=True, budget_fraction=budget,
@@ -106,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         _write(args, tallies, table)
     return 0
-
-
-def _counter(tokenizer):
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # --- the model, with every layer's post-RoPE q, k, v captured ------------------------------
