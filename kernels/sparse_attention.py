@@ -1,9 +1,11 @@
 """Sparse paged decode attention (reference: :func:`sgl_kvtier.sparse.paged.paged_decode_ref`).
 
-One program per row (one KV head of one request): it walks the row's CSR page list in
-blocks of tokens with an online softmax, all ``G`` query heads of the row at once so each
-key and value is read once per row. The output and the natural-log log-sum-exp stay in
-float32 for the exact merge with the tail.
+One program per (row, split): a row (one KV head of one request) is cut into splits of
+whole blocks, so that few long rows still fill the device; each program walks its part of
+the row's CSR page list in blocks of tokens with an online softmax, all ``G`` query heads
+of the row at once so each key and value is read once. Each split writes its output and
+natural-log log-sum-exp in float32, which merge exactly (with one split, they are the
+row's; an empty split writes output 0 and log-sum-exp -inf, which the merge weighs 0).
 """
 
 import triton
@@ -26,19 +28,22 @@ def _token_slots(indices_ptr, first_page, t, t_mask, page_size):
 
 @triton.jit
 def paged_decode_kernel(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, out_ptr, lse_ptr,
-                        group, head_dim, page_size, scale,
-                        stride_qr, stride_qg, stride_ks, stride_vs, stride_or, stride_og,
-                        stride_lr,
+                        group, head_dim, page_size, scale, span,
+                        stride_qr, stride_qg, stride_ks, stride_vs, stride_or, stride_os,
+                        stride_og, stride_lr, stride_ls,
                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Attention of row ``r``'s queries ``q[r] (G, D)`` over its pages' slots.
+    """Attention of row ``r``'s queries ``q[r] (G, D)`` over tokens
+    ``[s*span, (s+1)*span)`` of its pages' slots.
 
-    Grid ``(R,)``. ``k, v (slots, D)``; ``indptr (R+1,)``, ``indices``, ``last (R,)``
-    int32; ``out (R, G, D)`` and ``lse (R, G)`` float32. Every last dimension is contiguous.
+    Grid ``(R, S)``. ``k, v (slots, D)``; ``indptr (R+1,)``, ``indices``, ``last (R,)``
+    int32; ``out (R, S, G, D)`` and ``lse (R, S, G)`` float32 (strides of ``S`` may be 0
+    when ``S`` is 1). Every last dimension is contiguous.
     """
     row = tl.program_id(0)
+    split = tl.program_id(1)
     first_page = tl.load(indptr_ptr + row)
     pages = tl.load(indptr_ptr + row + 1) - first_page
-    length = (pages - 1) * page_size + tl.load(last_ptr + row)
+    length = tl.minimum((pages - 1) * page_size + tl.load(last_ptr + row), (split + 1) * span)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_mask = offs_g < group
@@ -50,7 +55,7 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, 
     m = tl.full([BLOCK_G], -1e30, tl.float32)
     denom = tl.full([BLOCK_G], 0.0, tl.float32)
     acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-    for t0 in range(0, length, BLOCK_N):
+    for t0 in range(split * span, length, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_mask = t < length
         slot = _token_slots(indices_ptr, first_page, t, t_mask, page_size)
@@ -67,6 +72,9 @@ def paged_decode_kernel(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, last_ptr, 
                     other=0.0).to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
         m = m_new
-    out_rows = out_ptr + row.to(tl.int64) * stride_or + offs_g[:, None] * stride_og
-    tl.store(out_rows + offs_d[None, :], acc / denom[:, None], mask=q_mask)
-    tl.store(lse_ptr + row.to(tl.int64) * stride_lr + offs_g, m + tl.log(denom), mask=g_mask)
+    out_rows = (out_ptr + row.to(tl.int64) * stride_or + split * stride_os
+                + offs_g[:, None] * stride_og)
+    tl.store(out_rows + offs_d[None, :], acc / tl.where(denom > 0, denom, 1.0)[:, None],
+             mask=q_mask)
+    tl.store(lse_ptr + row.to(tl.int64) * stride_lr + split * stride_ls + offs_g,
+             m + tl.log(denom), mask=g_mask)

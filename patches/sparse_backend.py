@@ -15,7 +15,7 @@ import logging
 import time
 
 from sgl_kvtier.patches.sparse_bridge import bridge, install_bridge
-from sgl_kvtier.sparse.backend import resolve_kernel
+from sgl_kvtier.sparse.backend import resolve_kernel, resolve_ops
 from sgl_kvtier.sparse.decode import merge_tail
 from sgl_kvtier.sparse.manager import SparseManager
 from sgl_kvtier.sparse.rope import rotary_from_config
@@ -39,13 +39,15 @@ class SparseDecode:
         _, heads, head_dim = k0.shape
         rotary = rotary_from_config(model_runner.model_config.hf_config.to_dict())
         name, attend = resolve_kernel(config.kernel, model_runner.device)
+        ops = resolve_ops(config.kernel, model_runner.device)
         layers = pool.layer_num
         slots = config.workspace // (2 * layers * head_dim * k0.element_size())
         manager = SparseManager(config, rotary, layers, heads, head_dim, slots, k0.dtype,
-                                k0.device, attend)
+                                k0.device, attend, ops)
         install_bridge(manager)
-        log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens: kernel %s, "
-                 "workspace %d slots (%.0f MiB)", config.min_context_tokens, name, slots,
+        log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens: kernel %s "
+                 "(scores and gathers: %s), workspace %d slots (%.0f MiB)",
+                 config.min_context_tokens, name, ops.name, slots,
                  manager.workspace.nbytes() / 2**20)
 
     # ------------------------------------------------------------ per batch

@@ -4,6 +4,10 @@
 kernel where a CUDA device and Triton are, else PyTorch (:class:`TorchPagedDecode`). On a CPU
 ``triton`` runs the kernel in Triton's interpreter: correct, and far too slow to serve
 (tests use it); ``flashinfer`` is refused.
+
+The rest of a step (chunk scores, rebuilding and fetching missed chunks) follows
+:func:`resolve_ops`: the Triton kernels on a CUDA device, PyTorch on a CPU, where the
+interpreter would make every request's every layer pay for it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import logging
 import torch
 
 from sgl_kvtier.sparse.paged import TorchPagedDecode
+from sgl_kvtier.sparse.step_ops import TorchOps, TritonOps
 
-__all__ = ["resolve_kernel", "KernelUnavailable"]
+__all__ = ["resolve_kernel", "resolve_ops", "KernelUnavailable"]
 
 log = logging.getLogger("sgl_kvtier")
 
@@ -58,3 +63,10 @@ def resolve_kernel(kernel: str, device: torch.device | str):
                         "interpreter (correct, very slow)", device)
         return "triton", paged_decode_triton
     raise KernelUnavailable(f"sparse.kernel: unknown kernel {kernel!r}")
+
+
+def resolve_ops(kernel: str, device: torch.device | str) -> TorchOps:
+    """The step operations for the ``sparse.kernel`` setting on ``device``: Triton on a
+    CUDA device with Triton (unless the setting is ``torch``), PyTorch elsewhere."""
+    cuda = torch.device(device).type == "cuda"
+    return TritonOps() if cuda and kernel != "torch" and _has("triton") else TorchOps()

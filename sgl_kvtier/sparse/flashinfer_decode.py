@@ -20,6 +20,9 @@ from sgl_kvtier.sparse.paged import PageTable
 __all__ = ["FlashInferDecode"]
 
 _WORKSPACE_BYTES = 128 * 2**20
+# Group sizes FlashInfer's CUDA-core decode kernel is built for; other sizes take the
+# tensor-core path (a prefill kernel, which also compiles far longer on first use).
+_CUDA_CORE_GROUPS = (1, 2, 3, 4, 6, 8, 16)
 
 
 class FlashInferDecode:
@@ -34,10 +37,9 @@ class FlashInferDecode:
     def __init__(self, device: torch.device):
         import flashinfer  # imported here: its import costs ~2 s and a GPU is needed anyway
 
+        self._flashinfer = flashinfer
         self._buffer = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        # Tensor cores take any GQA group size (the CUDA-core kernel only 1,2,3,4,6,8,16).
-        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._buffer, "NHD", use_tensor_cores=True)
+        self._wrappers: dict[bool, object] = {}
         self._planned: tuple | None = None
         self._table: PageTable | None = None  # held: a new table never takes its id
 
@@ -47,13 +49,21 @@ class FlashInferDecode:
         float32."""
         r, g, d = q.shape
         key = (g, d, q.dtype, k_cache.dtype, scale)
+        wrapper = self._wrapper(g)
         if self._table is not table or self._planned != key:
-            self._wrapper.plan(table.indptr, table.indices, table.last_page_len,
-                               num_qo_heads=g, num_kv_heads=1, head_dim=d,
-                               page_size=table.page_size, q_data_type=q.dtype,
-                               kv_data_type=k_cache.dtype, sm_scale=scale)
+            wrapper.plan(table.indptr, table.indices, table.last_page_len,
+                         num_qo_heads=g, num_kv_heads=1, head_dim=d,
+                         page_size=table.page_size, q_data_type=q.dtype,
+                         kv_data_type=k_cache.dtype, sm_scale=scale)
             self._planned, self._table = key, table
         p = table.page_size
         pages = (k_cache.view(-1, p, 1, d), v_cache.view(-1, p, 1, d))
-        out, lse = self._wrapper.run(q, pages, return_lse=True)
+        out, lse = wrapper.run(q, pages, return_lse=True)
         return out.float(), lse.float() * math.log(2.0)
+
+    def _wrapper(self, group: int):
+        tensor_cores = group not in _CUDA_CORE_GROUPS
+        if tensor_cores not in self._wrappers:
+            self._wrappers[tensor_cores] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._buffer, "NHD", use_tensor_cores=tensor_cores)
+        return self._wrappers[tensor_cores]

@@ -31,6 +31,7 @@ from sgl_kvtier.sparse.paged import TorchPagedDecode
 from sgl_kvtier.sparse.request import SparseRequest, StepStats
 from sgl_kvtier.sparse.rope import Rotary
 from sgl_kvtier.sparse.state import LayerState, build_layer_state
+from sgl_kvtier.sparse.step_ops import TorchOps
 from sgl_kvtier.sparse.workspace import SparseWorkspace, WorkspaceFull
 
 __all__ = ["SparseManager", "SparseCounters"]
@@ -88,16 +89,20 @@ class SparseManager:
     attend : PagedAttention, optional
         The paged decode (see :func:`sgl_kvtier.sparse.backend.resolve_kernel`); PyTorch
         when not given.
+    ops : TorchOps or TritonOps, optional
+        The requests' other step operations (:func:`sgl_kvtier.sparse.backend.resolve_ops`);
+        PyTorch when not given.
     """
 
     def __init__(self, config: SparseConfig, rotary: Rotary, num_layers: int,
                  num_kv_heads: int, head_dim: int, workspace_slots: int,
                  dtype: torch.dtype, device: torch.device | str,
-                 attend: PagedAttention | None = None):
+                 attend: PagedAttention | None = None, ops: TorchOps | None = None):
         self.config, self.rotary = config, rotary
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.workspace = SparseWorkspace(num_layers, head_dim, workspace_slots, dtype, device)
         self.attend = TorchPagedDecode() if attend is None else attend
+        self.ops = TorchOps() if ops is None else ops
         self.device = torch.device(device)
         self.requests: dict[str, SparseRequest] = {}
         self._keys: dict[str, str] = {}
@@ -133,7 +138,7 @@ class SparseManager:
                  for k, v in kv[:self.config.dense_layers]]
         try:
             request = SparseRequest(shared.layers, plan, self.workspace, self.rotary, local,
-                                    exact)
+                                    exact, self.ops)
         except WorkspaceFull as e:
             self.counters.refused_workspace_full += 1
             log.warning("sgl_kvtier: sparse decode: request %s stays dense: %s", rid, e)

@@ -36,12 +36,16 @@ class PageTable:
     last_page_len : torch.Tensor
         ``(R,)`` tokens in each row's last page, in ``[1, page_size]``.
     page_size : int
+    max_len : int or None
+        The longest row's tokens when the builder knew it (kernels that split rows read it
+        instead of synchronising with the device to find it).
     """
 
     indptr: torch.Tensor
     indices: torch.Tensor
     last_page_len: torch.Tensor
     page_size: int
+    max_len: int | None = None
 
     @property
     def rows(self) -> int:
@@ -70,7 +74,8 @@ def region_table(starts: torch.Tensor, lengths: torch.Tensor | int,
     offset = torch.arange(int(indptr[-1]), device=starts.device) - indptr[row]
     indices = starts.long()[row] // page_size + offset
     last = lengths - (pages - 1) * page_size
-    return PageTable(indptr.int(), indices.int(), last.int(), page_size)
+    return PageTable(indptr.int(), indices.int(), last.int(), page_size,
+                     int(lengths.max()) if lengths.numel() else 0)
 
 
 def row_tokens(table: PageTable, row: int) -> torch.Tensor:

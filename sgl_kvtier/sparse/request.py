@@ -15,10 +15,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from sgl_kvtier.sparse.budget import SparsePlan
-from sgl_kvtier.sparse.ops import gather_values, rebuild_keys
 from sgl_kvtier.sparse.rope import Rotary
-from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
+from sgl_kvtier.sparse.select import select_chunks
 from sgl_kvtier.sparse.state import LayerState
+from sgl_kvtier.sparse.step_ops import TorchOps
 from sgl_kvtier.sparse.workspace import SparseWorkspace
 
 __all__ = ["SparseRequest", "StepStats", "assign_slots"]
@@ -61,12 +61,16 @@ class SparseRequest:
     prompt_kv : list of (k, v), optional
         For each of the first layers that attend densely, ``(H, T, D)`` post-RoPE keys and
         values of the whole prompt (the request's own copy; those layers never select).
+    ops : TorchOps or TritonOps
+        Who scores chunks and writes missed chunks into the workspace (default PyTorch).
     """
 
     def __init__(self, layers: list[LayerState], plan: SparsePlan, workspace: SparseWorkspace,
                  rotary: Rotary, local: list[tuple[torch.Tensor, torch.Tensor]],
-                 prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] = ()):
+                 prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] = (),
+                 ops: TorchOps | None = None):
         self.layers, self.plan, self.workspace, self.rotary = layers, plan, workspace, rotary
+        self.ops = TorchOps() if ops is None else ops
         self.prompt_kv = list(prompt_kv)
         self.heads = layers[0].sv.shape[0]
         self.region = plan.dense + plan.selected
@@ -108,11 +112,7 @@ class SparseRequest:
         """
         state = self.layers[layer]
         start = time.perf_counter()
-        if state.bounds is None:
-            scores = chunk_scores(q, state.landmarks, state.selectable, scale)
-        else:
-            scores = bound_scores(q, state.bounds, state.selectable, scale)
-        chunks = select_chunks(scores, self.plan.selected_chunks)
+        chunks = select_chunks(self.ops.scores(q, state, scale), self.plan.selected_chunks)
         self.stats.select_seconds += time.perf_counter() - start
         self.refresh(layer, chunks)
 
@@ -131,13 +131,9 @@ class SparseRequest:
         if ids.numel() == 0:
             return
         first = self.starts[heads] + self.plan.dense + where * c  # [m]
-        slots = (first[:, None] + torch.arange(c, device=first.device)).flatten()
-        keys = rebuild_keys(state.u, state.sv, heads, ids, c, state.start, self.rotary)
-        values = gather_values(state.values, heads.to(state.values.device),
-                               ids.to(state.values.device))
-        self.stats.gathered_bytes += values.numel() * values.element_size()
-        self.workspace.k[layer, slots] = keys.flatten(0, 1).to(self.workspace.k.dtype)
-        self.workspace.v[layer, slots] = values.flatten(0, 1).to(self.workspace.v)
+        ws = self.workspace
+        self.stats.gathered_bytes += self.ops.write_chunks(
+            ws.k[layer], ws.v[layer], first, state, heads, ids, c, self.rotary)
 
 
 def assign_slots(held: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

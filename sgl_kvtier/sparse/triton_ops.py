@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from sgl_kvtier.attention.merge import merge_attention_states
 from sgl_kvtier.sparse.paged import PageTable
 from sgl_kvtier.sparse.rope import Rotary
 
@@ -31,6 +32,8 @@ __all__ = ["triton_available", "interpreted", "chunk_scores_triton", "rebuild_ke
 _MODULES = ("sparse_scores", "sparse_rebuild", "sparse_gather", "sparse_attention")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX = (torch.int32, torch.int64)
+# Programs a launch aims for: an H100/H200 has 132 multiprocessors.
+_TARGET_PROGRAMS = 256  # landmark scoring (heads x spans), paged decode (rows x splits)
 
 
 def triton_available() -> bool:
@@ -139,10 +142,22 @@ def chunk_scores_triton(q: torch.Tensor, landmarks: torch.Tensor, selectable: to
         return out
     sel = selectable.view(torch.uint8)  # same bytes; Triton loads bytes, not int1 bits
     group = q.shape[0] // h
-    _kernels().chunk_scores_kernel[(h,)](
-        q, landmarks, sel, out, n, group, d, float(scale),
-        q.stride(0), landmarks.stride(0), landmarks.stride(1), sel.stride(0), sel.stride(1),
-        out.stride(0), BLOCK_G=_block(group), BLOCK_N=min(128, _block(n)), BLOCK_D=_block(d))
+    block_n, block_g = min(128, _block(n)), _block(group)
+    # Spans of whole blocks, enough of them that H x spans programs fill the device.
+    blocks = -(-n // block_n)
+    spans = min(blocks, max(1, -(-_TARGET_PROGRAMS // h)))
+    span = -(-blocks // spans) * block_n
+    spans = -(-n // span)
+    partials = torch.empty(2, h, spans, block_g, dtype=torch.float32, device=dev)
+    kernels = _kernels()
+    common = (n, span, group, d, float(scale), q.stride(0), landmarks.stride(0),
+              landmarks.stride(1), sel.stride(0), sel.stride(1))
+    blocks_meta = dict(BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=_block(d))
+    kernels.chunk_partials_kernel[(h, spans)](q, landmarks, sel, partials, *common,
+                                              **blocks_meta)
+    kernels.chunk_scores_kernel[(h, spans)](q, landmarks, sel, partials, out, *common,
+                                            out.stride(0), BLOCK_S=_block(spans, floor=2),
+                                            **blocks_meta)
     return out
 
 
@@ -249,7 +264,8 @@ def _check_table(table: PageTable, rows: int, device: torch.device) -> None:
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        table: PageTable, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        table: PageTable, scale: float, min_split: int = 256
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`sgl_kvtier.sparse.paged.paged_decode_ref`.
 
     Parameters
@@ -261,6 +277,8 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     table : PageTable
         int32 arrays on ``q``'s device; every row holds at least one token.
     scale : float
+    min_split : int
+        Fewest tokens per split when rows are split to fill the device.
 
     Returns
     -------
@@ -280,13 +298,23 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         _fail(f"v_cache {tuple(v_cache.shape)} must have k_cache's shape {tuple(k_cache.shape)}")
     _check_table(table, r, dev)
     _check_launch_device(dev)
-    out = torch.empty(r, g, d, dtype=torch.float32, device=dev)
-    lse = torch.empty(r, g, dtype=torch.float32, device=dev)
     if r == 0 or g == 0:
-        return out, lse
-    _kernels().paged_decode_kernel[(r,)](
+        return (torch.empty(r, g, d, dtype=torch.float32, device=dev),
+                torch.empty(r, g, dtype=torch.float32, device=dev))
+    block_n = 64
+    longest = table.max_len if table.max_len is not None else int(table.lengths().max())
+    splits = max(1, min(-(-_TARGET_PROGRAMS // r), -(-longest // max(min_split, block_n))))
+    span = -(-longest // (splits * block_n)) * block_n
+    splits = -(-longest // span)
+    out = torch.empty(r, splits, g, d, dtype=torch.float32, device=dev)
+    lse = torch.empty(r, splits, g, dtype=torch.float32, device=dev)
+    _kernels().paged_decode_kernel[(r, splits)](
         q, k_cache, v_cache, table.indptr.contiguous(), table.indices.contiguous(),
         table.last_page_len.contiguous(), out, lse, g, d, int(table.page_size), float(scale),
-        q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0), out.stride(0),
-        out.stride(1), lse.stride(0), BLOCK_G=_block(g), BLOCK_N=64, BLOCK_D=_block(d))
-    return out, lse
+        span, q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0), out.stride(0),
+        out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        BLOCK_G=_block(g), BLOCK_N=block_n, BLOCK_D=_block(d))
+    if splits == 1:
+        return out[:, 0], lse[:, 0]
+    return merge_attention_states(out.unbind(1), lse.unbind(1))
+
