@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_kernels:
         stages.append(("kernels", lambda: kernel_checks(dev, args)))
     stages += [(f"steps_{n}", lambda n=n: step_rows(dev, n, args, report.setdefault(
-        f"steps_{n}", []))) for n in args.contexts]
+        f"steps_{n}", []))) for n in ([] if args.skip_steps else args.contexts)]
     for name, stage in stages:
         try:  # a failed stage is reported and the next one still measures
             report[name] = stage()
@@ -96,11 +96,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="host memory of the machine, for the host-bound batch (GiB)")
     p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer")
     p.add_argument("--variants", nargs="+", choices=_VARIANTS, default=list(_VARIANTS),
-                   help="sparse step variants, ops+attention: triton ops rebuild and fetch "
-                   "with the kernels (scores in PyTorch), torch ops run the references; "
+                   help="sparse step variants, ops+attention: triton ops score, rebuild and fetch "
+                   "with the kernels, torch ops run the references; "
                    "attention by FlashInfer, the Triton kernel or the PyTorch reference "
                    "(default: all four; a CPU runs torch+torch)")
     p.add_argument("--skip-kernels", action="store_true", help="skip the kernel checks")
+    p.add_argument("--skip-steps", action="store_true", help="skip the decode steps")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, tiny shapes: checks the script runs, measures nothing")
     p.add_argument("--out", type=Path, help="folder for gpu_bench.json and table.md")

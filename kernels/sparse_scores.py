@@ -7,6 +7,11 @@ sum of exponentials of the scaled scores. Pass 2 (:func:`chunk_scores_kernel`) c
 spans' partials into each query head's log-sum-exp, recomputes its span's scores and writes,
 per chunk, the largest softmax probability over the group. Recomputing costs one more read
 of the landmarks (``N x D`` per head, small) and keeps no ``(G, N)`` buffer.
+
+With ``LOWP`` (bf16/fp16 inputs on a GPU) the scores are one tensor-core dot of the inputs
+as they are, accumulated in float32 (the products of two bf16 values are exact in float32);
+otherwise both sides are upcast and multiplied in IEEE float32 (the interpreter, which
+computes bf16 dots wrongly, and float32 inputs). The scale is applied after the dot.
 """
 
 import triton
@@ -21,32 +26,39 @@ _SUM = tl.standard._sum_combine
 
 
 @triton.jit
-def _block_logits(q, lm_head, sel_head, n0, n_end, stride_ln, stride_sn, offs_d, d_mask,
-                  BLOCK_N: tl.constexpr):
+def _block_logits(q, lm_head, sel_head, n0, n_end, scale, stride_ln, stride_sn, offs_d, d_mask,
+                  BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
     """Scaled scores ``(BLOCK_G, BLOCK_N)`` of one block of chunks (-inf where not
     selectable or past ``n_end``) and the block's ``(BLOCK_N,)`` selectable mask."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_end
     lm = tl.load(lm_head + offs_n[:, None] * stride_ln + offs_d[None, :],
-                 mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                 mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     ok = tl.load(sel_head + offs_n * stride_sn, mask=n_mask, other=0) != 0
-    s = tl.dot(q, tl.trans(lm), input_precision="ieee")
-    return tl.where(ok[None, :], s, float("-inf")), ok
+    if LOWP:
+        s = tl.dot(q, tl.trans(lm))
+    else:
+        s = tl.dot(q, tl.trans(lm.to(tl.float32)), input_precision="ieee")
+    return tl.where(ok[None, :], s * scale, float("-inf")), ok
 
 
 @triton.jit
-def _head_query(q_ptr, h, group, head_dim, scale, stride_qh, offs_g, offs_d):
-    """The group's scaled queries ``(BLOCK_G, BLOCK_D)`` float32 (padding rows zero)."""
+def _head_query(q_ptr, h, group, head_dim, stride_qh, offs_g, offs_d, LOWP: tl.constexpr):
+    """The group's queries ``(BLOCK_G, BLOCK_D)`` (padding rows zero), float32 unless
+    ``LOWP``."""
     mask = (offs_g < group)[:, None] & (offs_d < head_dim)[None, :]
     q = tl.load(q_ptr + (h * group + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    return q * scale
+                mask=mask, other=0.0)
+    if not LOWP:
+        q = q.to(tl.float32)
+    return q
 
 
 @triton.jit
 def chunk_partials_kernel(q_ptr, lm_ptr, sel_ptr, part_ptr, n_chunks, span, group, head_dim,
                           scale, stride_qh, stride_lh, stride_ln, stride_sh, stride_sn,
-                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          LOWP: tl.constexpr):
     """Pass 1: per (KV head ``h``, span ``j``), the running max and sum of ``exp`` of the
     scaled scores of chunks ``[j*span, (j+1)*span)``, per query head.
 
@@ -57,7 +69,7 @@ def chunk_partials_kernel(q_ptr, lm_ptr, sel_ptr, part_ptr, n_chunks, span, grou
     j = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _head_query(q_ptr, h, group, head_dim, scale, stride_qh, offs_g, offs_d)
+    q = _head_query(q_ptr, h, group, head_dim, stride_qh, offs_g, offs_d, LOWP)
     lm_head = lm_ptr + h * stride_lh
     sel_head = sel_ptr + h * stride_sh
     n_end = tl.minimum(n_chunks, (j + 1) * span)
@@ -65,8 +77,8 @@ def chunk_partials_kernel(q_ptr, lm_ptr, sel_ptr, part_ptr, n_chunks, span, grou
     m = tl.full([BLOCK_G], -1e30, tl.float32)
     denom = tl.full([BLOCK_G], 0.0, tl.float32)
     for n0 in range(j * span, n_end, BLOCK_N):
-        s, ok = _block_logits(q, lm_head, sel_head, n0, n_end, stride_ln, stride_sn,
-                              offs_d, offs_d < head_dim, BLOCK_N)
+        s, ok = _block_logits(q, lm_head, sel_head, n0, n_end, scale, stride_ln, stride_sn,
+                              offs_d, offs_d < head_dim, BLOCK_N, LOWP)
         m_new = tl.maximum(m, tl.reduce(s, 1, _MAX))
         denom = denom * tl.exp(m - m_new) + tl.reduce(tl.exp(s - m_new[:, None]), 1, _SUM)
         m = m_new
@@ -80,7 +92,7 @@ def chunk_partials_kernel(q_ptr, lm_ptr, sel_ptr, part_ptr, n_chunks, span, grou
 def chunk_scores_kernel(q_ptr, lm_ptr, sel_ptr, part_ptr, out_ptr, n_chunks, span, group,
                         head_dim, scale, stride_qh, stride_lh, stride_ln, stride_sh, stride_sn,
                         stride_oh, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LOWP: tl.constexpr):
     """Pass 2: ``out[h, n] = max_g softmax_n(scale * q[h*G + g] . lm[h, n])`` for the
     chunks of span ``j``, the softmax's normaliser combined from every span's partials.
 
@@ -98,14 +110,14 @@ def chunk_scores_kernel(q_ptr, lm_ptr, sel_ptr, part_ptr, out_ptr, n_chunks, spa
     part_d = tl.load(at + tl.num_programs(0) * spans * BLOCK_G, mask=s_mask, other=0.0)
     m = tl.reduce(part_m, 0, _MAX)
     lse = m + tl.log(tl.reduce(part_d * tl.exp(part_m - m[None, :]), 0, _SUM))
-    q = _head_query(q_ptr, h, group, head_dim, scale, stride_qh, offs_g, offs_d)
+    q = _head_query(q_ptr, h, group, head_dim, stride_qh, offs_g, offs_d, LOWP)
     lm_head = lm_ptr + h * stride_lh
     sel_head = sel_ptr + h * stride_sh
     n_end = tl.minimum(n_chunks, (j + 1) * span)
     g_mask = offs_g < group
     for n0 in range(j * span, n_end, BLOCK_N):
-        s, ok = _block_logits(q, lm_head, sel_head, n0, n_end, stride_ln, stride_sn,
-                              offs_d, offs_d < head_dim, BLOCK_N)
+        s, ok = _block_logits(q, lm_head, sel_head, n0, n_end, scale, stride_ln, stride_sn,
+                              offs_d, offs_d < head_dim, BLOCK_N, LOWP)
         # Padded query rows score 0, not -inf: they must not win the max.
         p = tl.where(g_mask[:, None] & ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         offs_n = n0 + tl.arange(0, BLOCK_N)

@@ -152,7 +152,11 @@ def chunk_scores_triton(q: torch.Tensor, landmarks: torch.Tensor, selectable: to
     kernels = _kernels()
     common = (n, span, group, d, float(scale), q.stride(0), landmarks.stride(0),
               landmarks.stride(1), sel.stride(0), sel.stride(1))
-    blocks_meta = dict(BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=_block(d))
+    # Tensor-core dot of bf16/fp16 inputs as they are; never in the interpreter, whose
+    # low-precision dots are wrong.
+    lowp = (q.dtype == landmarks.dtype and q.dtype in (torch.bfloat16, torch.float16)
+            and not interpreted())
+    blocks_meta = dict(BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=_block(d), LOWP=lowp)
     kernels.chunk_partials_kernel[(h, spans)](q, landmarks, sel, partials, *common,
                                               **blocks_meta)
     kernels.chunk_scores_kernel[(h, spans)](q, landmarks, sel, partials, out, *common,

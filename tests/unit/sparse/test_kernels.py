@@ -96,7 +96,7 @@ ptrs = {"sel_ptr": "*u8", "heads_ptr": "*i64", "chunks_ptr": "*i64", "dest_ptr":
         "indptr_ptr": "*i32", "indices_ptr": "*i32", "last_ptr": "*i32", "lse_ptr": "*fp32",
         "inv_freq_ptr": "*fp32", "part_ptr": "*fp32"}
 blocks = dict(BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, BLOCK_C=16, BLOCK_R=32, BLOCK_HALF=32,
-              BLOCK_REST=64, HAS_REST=True, BLOCK_S=16)
+              BLOCK_REST=64, HAS_REST=True, BLOCK_S=16, LOWP=True)
 for name in ("scores", "rebuild", "gather", "attention"):
     module = importlib.import_module("sgl_kvtier.kernels.sparse_" + name)
     for fn in (getattr(module, k) for k in dir(module) if k.endswith("_kernel")):
