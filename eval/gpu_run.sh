@@ -6,7 +6,11 @@
 # two ignored folders travel with the working tree: .whl/ (cp312 wheels of apache-tvm-ffi,
 # pydantic, pydantic-core, annotated-types, typing-inspection) and .fi/site/ (FlashInfer
 # 0.7.2 trimmed to the Python modules its import loads and the batch decode/prefill sources;
-# its JIT builds the decode kernel there with the machine's nvcc).
+# its JIT builds the decode kernel there with the machine's nvcc). The trimmed copy was made
+# by hand from .venv's flashinfer: the .py files `import flashinfer` loads, all of jit/ and
+# triton/, data/include, the batch_decode*/batch_prefill* sources and tvm_ffi_utils.h of
+# data/csrc, data/cccl/libcudacxx/include and data/cccl/cub/cub (CUDA 13.0's own CCCL lacks
+# cuda::fast_mod_div); 46 MB, under the 64 MiB the device tool carries.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
