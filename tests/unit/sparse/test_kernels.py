@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -68,10 +69,11 @@ def test_kernels_import_interpreted_without_leaving_the_variable_set():
 @pytest.mark.parametrize("h,g,d,n,dtype,stretch", [
     (3, 3, 64, 50, F32, 1), (2, 4, 128, 37, F32, 2), (3, 3, 64, 200, BF16, 2),
     (2, 4, 64, 1000, F32, 1)])
-def test_chunk_scores(h, g, d, n, dtype, stretch):
+def test_chunk_scores(h, g, d, n, dtype, stretch, monkeypatch):
     """Long heads are split into spans of 128 chunks scored in parallel (8 at n=1000): the
     softmax must still normalise over all of them, and a span with nothing selectable
     (chunks 256..383 of head 0 at n=1000) must not disturb it."""
+    grids = _record_grids(monkeypatch, "chunk_partials_kernel")
     gen = _gen(n)
     q = _strided(_randn(h * g, d, gen=gen, dtype=dtype), stretch)
     landmarks = _strided(_randn(h, n, d, gen=gen, dtype=dtype, scale=2.0), stretch)
@@ -83,6 +85,23 @@ def test_chunk_scores(h, g, d, n, dtype, stretch):
     assert got.dtype == F32 and got.shape == (h, n)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert (got[~selectable] == 0).all()
+    assert grids == [(h, {50: 1, 37: 1, 200: 2, 1000: 8}[n])]  # the spans really ran
+
+
+def _record_grids(monkeypatch, name):
+    """Record the launch grids of kernel ``name`` (launches go through ``kernel[grid]``)."""
+    grids, kernels, mode = [], triton_ops._kernels(), interpreted()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return getattr(kernels, name)[grid]
+
+    patched = types.SimpleNamespace(**vars(kernels))
+    setattr(patched, name, Recorder())
+    monkeypatch.setattr(triton_ops, "_kernels", lambda: patched)
+    monkeypatch.setattr(triton_ops, "interpreted", lambda: mode)  # it inspects the kernel
+    return grids
 
 
 # Compiles every kernel for sm_90 (Triton's bundled ptxas, no GPU needed): the interpreter
@@ -207,9 +226,10 @@ def _random_table(lengths, page_size, gen):
 @pytest.mark.parametrize("g,d,page,dtype,stretch,split", [
     (3, 64, 1, F32, 1, 256), (3, 64, 8, BF16, 2, 256), (4, 128, 8, F32, 2, 256),
     (16, 64, 1, F32, 1, 256), (3, 64, 1, F32, 1, 64), (4, 64, 8, BF16, 1, 64)])
-def test_paged_decode(g, d, page, dtype, stretch, split):
+def test_paged_decode(g, d, page, dtype, stretch, split, monkeypatch):
     """With ``split`` 64 the rows are cut into splits of 64 tokens (3 for the longest row
     of 129; rows of 1 and 8 tokens leave two splits empty), merged after the kernel."""
+    grids = _record_grids(monkeypatch, "paged_decode_kernel")
     gen = _gen(g * page)
     lengths = [1, 70, 129, 8, 13]
     table, slots = _random_table(lengths, page, gen)
@@ -218,6 +238,7 @@ def test_paged_decode(g, d, page, dtype, stretch, split):
     k = _strided(_randn(2, slots, d, gen=gen, dtype=dtype), stretch)[1]
     v = _randn(slots, d, gen=gen, dtype=dtype)
     out, lse = paged_decode_triton(q, k, v, table, d ** -0.5, min_split=split)
+    assert grids == [(len(lengths), 3 if split == 64 else 1)]  # the splits really ran
     want, want_lse = paged_decode_ref(q, k, v, table, d ** -0.5)
     assert out.dtype == lse.dtype == F32
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
