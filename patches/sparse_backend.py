@@ -79,7 +79,7 @@ class SparseDecode:
         read = lambda layer: (pool.get_key_buffer(layer)[slots],
                               pool.get_value_buffer(layer)[slots])
         start = time.perf_counter()
-        if link.manager.convert(rid, offer.tokens, read):
+        if link.manager.convert(rid, offer.tokens, read, offer.scope):
             link.mark_converted(rid, offer.boundary)
             plan = link.manager.requests[rid].plan
             log.info("sgl_kvtier: sparse decode for %s: %d prompt tokens -> rank %d, %d of "

@@ -27,6 +27,7 @@ __all__ = ["SparseBridge", "Eligible", "bridge", "install_bridge"]
 class Eligible:
     tokens: tuple[int, ...]  # the prompt the state covers
     boundary: int
+    scope: str = ""  # the tenant (extra key, cache salt): states are shared within one
 
 
 class SparseBridge:
@@ -39,10 +40,10 @@ class SparseBridge:
         self.converted: dict[str, int] = {}  # rid -> boundary
         self.released: set[str] = set()
 
-    def offer(self, rid: str, tokens: tuple[int, ...], boundary: int) -> None:
+    def offer(self, rid: str, tokens: tuple[int, ...], boundary: int, scope: str = "") -> None:
         with self._lock:
             if rid not in self.converted:
-                self.eligible[rid] = Eligible(tokens, boundary)
+                self.eligible[rid] = Eligible(tokens, boundary, scope)
 
     def take(self, rid: str) -> Eligible | None:
         with self._lock:

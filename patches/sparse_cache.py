@@ -30,6 +30,7 @@ import logging
 from sglang.srt.plugins.hook_registry import HookType
 
 from sgl_kvtier.patches.sparse_bridge import bridge
+from sgl_kvtier.tier.service import namespace_of
 
 __all__ = ["SparseRelease", "wants_sparse", "HOOKS"]
 
@@ -73,7 +74,8 @@ class SparseRelease:
         if up_to >= len(req.origin_input_ids) and link.manager.wants(boundary):
             tokens = tuple(req.full_untruncated_fill_ids[:boundary])
             self._sparse_reqs[req.rid] = req
-            link.offer(req.rid, tokens, boundary)
+            link.offer(req.rid, tokens, boundary,
+                       namespace_of(req.extra_key, getattr(req, "cache_salt", None)))
 
     def flush_pending_backups(self) -> None:
         super().flush_pending_backups()

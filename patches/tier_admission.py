@@ -56,17 +56,32 @@ class BackgroundLoads:
         marker = self._markers.get(req.rid)
         if marker is None:
             return True
-        fits, _ = self._agree(int(budget is None or self._need(marker.hit, req) <= budget))
+        # The device prefix the hit continues is locked first (making room may evict, and
+        # the load joins the tree under it), and what the lock takes out of the evictable
+        # pool counts against the budget: the adder's figure still counted it as free.
+        taken = self._lock_prefix(marker.node)
+        need = self._need(marker.hit, req) + taken
+        fits, _ = self._agree(int(budget is None or need <= budget))
         if self.bidir is not None and method_of(req) == "compute":
+            self.dec_lock_ref(marker.node)
             self._recompute(req)
             return True
-        if fits and self.bidir is not None and self.bidir.wants(marker.hit, req):
+        if not fits:
+            self.dec_lock_ref(marker.node)
+            return None
+        if self.bidir is not None and self.bidir.wants(marker.hit, req):
             return self._start_bidirectional(req, marker)
-        return self._start_load(req, marker) if fits else None
+        return self._start_load(req, marker)
+
+    def _lock_prefix(self, node) -> int:
+        """Lock ``node``'s path; returns the tokens that left the evictable pool."""
+        before = self.evictable_size()
+        self.inc_lock_ref(node)
+        return before - self.evictable_size()
 
     def _start_bidirectional(self, req, marker) -> bool:
+        """``marker.node`` is locked (``admit_now``); unlocked here if it does not start."""
         self._markers.pop(req.rid, None)
-        self.inc_lock_ref(marker.node)  # before making room: the hit continues it
         started = False
         try:
             started = self._healthy and self.bidir.start(req, marker)
@@ -89,10 +104,9 @@ class BackgroundLoads:
         return None if self.bidir is None else self.bidir.budget(req, decoding)
 
     def _start_load(self, req, marker) -> bool:
+        """``marker.node`` is locked (``admit_now``) until the loaded slots join the tree
+        under it: the prefix the hit continues must stay."""
         job = slots = None
-        # Locked before making room (which may evict) until the loaded slots join the tree
-        # under it: the prefix the hit continues must stay.
-        self.inc_lock_ref(marker.node)
         if self._healthy:
             try:
                 slots = self._alloc(marker.hit, req)

@@ -222,17 +222,20 @@ class Server:
         body["input_ids" if isinstance(prompt, list) else "text"] = prompt
         start = time.perf_counter()
         times, last = [], None
-        with requests.post(f"{self.url}/generate", json=body, stream=True,
-                           timeout=timeout) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise ServerError(f"generation failed: {chunk['error']}")
-                times.append(time.perf_counter() - start)
-                last = chunk
+        try:
+            with requests.post(f"{self.url}/generate", json=body, stream=True,
+                               timeout=timeout) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        raise ServerError(f"generation failed: {chunk['error']}")
+                    times.append(time.perf_counter() - start)
+                    last = chunk
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            raise self._broken(exc) from exc
         if last is None:
             raise ServerError("the server streamed no output")
         meta = last["meta_info"]
@@ -241,6 +244,14 @@ class Server:
                           cached_tokens=meta.get("cached_tokens", 0), ttft_s=times[0],
                           total_s=times[-1], token_times=times,
                           cached_details=meta.get("cached_tokens_details") or {})
+
+    def _broken(self, exc: Exception) -> ServerError:
+        # A stream cut short usually means the server died: say so, with its last words,
+        # so that a failing test shows the cause and not only the client's side.
+        state = ("running" if self.proc is not None and self.proc.poll() is None
+                 else "no longer running")
+        return ServerError(f"the connection broke ({exc}); the server is {state}; last "
+                           f"lines of {self.log_path}:\n{_tail(self.log_path, 40)}")
 
     def next_token_logprobs(self, input_ids: list[int], top_k: int, start: int = 0,
                             timeout: float = 1200.0) -> TeacherForced:

@@ -116,14 +116,19 @@ class SparseManager:
     def plan(self, context: int) -> SparsePlan:
         return plan_for(self.config, context, self.shape[1], self.shape[2])
 
-    def convert(self, rid: str, tokens: Sequence[int], read_layer: ReadLayer) -> bool:
+    def convert(self, rid: str, tokens: Sequence[int], read_layer: ReadLayer,
+                scope: str = "") -> bool:
         """Make request ``rid`` sparse over its ``len(tokens)`` tokens so far.
+
+        ``scope`` is the request's tenant (its LoRA / extra key and cache salt, as the NVMe
+        tier's namespaces): only requests of one scope share a prompt state, so a shared
+        (faster) conversion never tells one tenant what another sent.
 
         Returns False (the request stays dense) when the workspace has no room for it.
         """
         start = time.perf_counter()
         plan = self.plan(len(tokens))
-        key = _key(tokens[:plan.shared], plan)
+        key = _key(tokens[:plan.shared], plan, scope)
         kv = [read_layer(layer) for layer in range(self.shape[0])]
         shared = self._shared.get(key)
         if shared is None:
@@ -205,7 +210,9 @@ class SparseManager:
             del self._shared[key]
 
 
-def _key(tokens: Sequence[int], plan: SparsePlan) -> str:
+def _key(tokens: Sequence[int], plan: SparsePlan, scope: str) -> str:
     ids = np.asarray(tokens, dtype=np.int64).tobytes()
-    shape = f"{plan.shared}:{plan.sink}:{plan.chunk}:{plan.rank}:{plan.outlier_chunks}"
-    return hashlib.blake2b(ids + shape.encode(), digest_size=16).hexdigest()
+    shape = f"{plan.shared}:{plan.sink}:{plan.chunk}:{plan.rank}:{plan.outlier_chunks}:"
+    # The scope goes last, after a separator the shape never contains: it cannot shift
+    # into the token bytes or the shape (both are fixed in length for one plan).
+    return hashlib.blake2b(ids + shape.encode() + scope.encode(), digest_size=16).hexdigest()

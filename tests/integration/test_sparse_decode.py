@@ -101,6 +101,20 @@ def test_full_budget_sparse_decode_is_dense_decode_in_a_mixed_batch(exact, tok):
     assert metrics["kvtier_sparse_host_bytes"] == after["host_bytes"] > 0
 
 
+def test_a_document_shares_its_state_only_within_a_tenant(exact, tok):
+    doc = token_prompt(tok, 1800, offset=37_000)
+    ask = [doc + tok.encode(q, add_special_tokens=False)
+           for q in (" Name the first place.", " Name the last place.")]
+    dense = exact.generate(ask[1], 16, cache_salt="bob", **DENSE)
+    before = _sparse(exact)
+    exact.generate(ask[0], 16, cache_salt="alice")
+    got = exact.generate(ask[1], 16, cache_salt="bob")
+    after = _sparse(exact)
+    assert after["requests"] - before["requests"] == 2  # both decoded sparsely
+    assert after["shared_state_hits"] == before["shared_state_hits"]  # each built its own
+    assert got.output_ids == dense.output_ids
+
+
 def _metrics(server) -> dict[str, float]:
     """The ``sglang:kvtier_sparse_*`` series of ``/metrics``, by name."""
     text = requests.get(f"{server.url}/metrics", timeout=30).text

@@ -52,6 +52,34 @@ def test_making_room_for_a_hit_never_evicts_the_prefix_it_continues(tmp_path):
     allocator.free(held)
 
 
+def test_a_load_takes_no_more_than_the_budget_it_was_checked_against(tmp_path):
+    """Regression (CI, 16 concurrent requests): ``admit_now`` checked the hit and the extend
+    against the adder's budget, then locked the device prefix, which took its 400 tokens
+    out of the evictable pool the budget had counted; a request admitted earlier in the
+    round then found too few slots and the scheduler died with "Out of memory"."""
+    need = 3 * CHUNK + 1 + 256  # the hit, the one token left to compute, the headroom
+    for budget, starts in ((need + 100, False), (need + PREFIX, True)):
+        cache = cache_with_device_prefix(tmp_path / str(budget))
+        assert cache.evictable_size() == PREFIX  # the prefix the hit continues is free
+        req = request(TOKENS)
+        req.init_next_round_input(cache)
+        before = pool_left(cache)
+        verdict = cache.admit_now(req, budget)
+        assert verdict is (False if starts else None)  # loading, or: does not fit now
+        assert before - pool_left(cache) <= budget
+        assert (cache.loads_pending() != []) is starts
+        if not starts:  # nothing held: the prefix is evictable again, no slot taken
+            assert pool_left(cache) == before and cache.protected_size() == 0
+        else:
+            admit(cache, req)
+            assert req.prefix_len == 28 * CHUNK
+
+
+def pool_left(cache) -> int:
+    """Free plus evictable slots: what SGLang's prefill adder counts as its budget."""
+    return cache.token_to_kv_pool_allocator.available_size() + cache.evictable_size()
+
+
 def accounted(cache) -> int:
     return (cache.token_to_kv_pool_allocator.available_size() + cache.evictable_size()
             + cache.protected_size())

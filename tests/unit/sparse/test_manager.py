@@ -48,6 +48,19 @@ def test_requests_with_one_document_share_its_state_and_release_their_regions():
     assert manager.report()["shared_state_hits"] == 2
 
 
+def test_tenants_never_share_a_prompt_state():
+    """A shared state converts faster (no build): sharing it across cache salts would tell
+    one tenant that another sent the same document."""
+    manager = _manager(slots=8000)
+    doc = list(range(1000, 1600)) + [1, 2]
+    for rid, scope in (("a", "1:x"), ("b", "1:y"), ("c", ""), ("d", "1:x")):
+        assert manager.convert(rid, doc, _reader(doc, 0), scope)
+    report = manager.report()
+    assert report["states"] == 3 and report["shared_state_hits"] == 1  # only d joins a
+    assert manager.requests["d"].layers is manager.requests["a"].layers
+    assert manager.requests["b"].layers is not manager.requests["a"].layers
+
+
 def test_a_full_workspace_leaves_the_request_dense():
     manager = _manager(slots=50)
     tokens = list(range(600))
