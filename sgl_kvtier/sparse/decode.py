@@ -1,11 +1,11 @@
 """One sparse decode step over a batch: select, refresh the workspace, attend, merge.
 
 A step is planned once (:class:`SparseStep`: the page table of every (request, KV head)
-region) and run per layer. Per layer, each request selects its chunks and brings its
-workspace region up to date; one paged attention covers every region
-(``[sink | outliers | local | selected]``: the whole prompt as the request sees it); the
-caller's tail (every generated token, which stays in the KV pool) is attended separately and
-the two states merge exactly. The tail has no length limit, so neither has the output.
+region) and run per layer. Per layer, the requests select their chunks and bring their
+workspace regions up to date, all together (:mod:`sgl_kvtier.sparse.batch_select`); one
+paged attention covers every region (``[sink | outliers | local | selected]``: the whole
+prompt as the request sees it); the caller's tail (every generated token, which stays in
+the KV pool) is attended separately and the two states merge exactly. The tail has no length limit, so neither has the output.
 
 The first ``dense_layers`` layers (see :class:`SparseRequest`) skip selection and attend
 the request's whole prompt exactly instead.
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from sgl_kvtier.attention.merge import partial_attention
+from sgl_kvtier.sparse.batch_select import select_and_refresh
 from sgl_kvtier.sparse.paged import PageTable, flatten_queries, paged_decode, region_table
 from sgl_kvtier.sparse.request import SparseRequest
 
@@ -61,8 +62,7 @@ class SparseStep:
         """
         if layer < len(self.requests[0].prompt_kv):
             return self._exact(layer, q, scale)
-        for b, request in enumerate(self.requests):
-            request.step(layer, q[b], scale)
+        select_and_refresh(self.requests, layer, q, scale)
         ws = self.workspace
         out, lse = self.attend(flatten_queries(q, self.heads), ws.k[layer], ws.v[layer],
                                self.table, scale)

@@ -9,19 +9,18 @@ fetched, into the slots the dropped chunks leave.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 
 import torch
 
+from sgl_kvtier.sparse.batch_select import select_and_refresh
 from sgl_kvtier.sparse.budget import SparsePlan
 from sgl_kvtier.sparse.rope import Rotary
-from sgl_kvtier.sparse.select import select_chunks
 from sgl_kvtier.sparse.state import LayerState
 from sgl_kvtier.sparse.step_ops import TorchOps
 from sgl_kvtier.sparse.workspace import SparseWorkspace
 
-__all__ = ["SparseRequest", "StepStats", "assign_slots"]
+__all__ = ["SparseRequest", "StepStats"]
 
 
 @dataclass
@@ -103,65 +102,28 @@ class SparseRequest:
         self.workspace.v[layer, slots] = v.to(self.workspace.v.dtype)
 
     def step(self, layer: int, q: torch.Tensor, scale: float) -> None:
-        """Select this step's chunks for ``layer`` and bring the workspace up to date.
+        """Select this step's chunks for ``layer`` and bring the workspace up to date (a
+        batch of one: :func:`~sgl_kvtier.sparse.batch_select.select_and_refresh`).
 
         Parameters
         ----------
         q : torch.Tensor
             ``(H_q, D)`` the request's post-RoPE query at this layer.
         """
-        state = self.layers[layer]
-        start = time.perf_counter()
-        chunks = select_chunks(self.ops.scores(q, state, scale), self.plan.selected_chunks)
-        self.stats.select_seconds += time.perf_counter() - start
-        self.refresh(layer, chunks)
+        select_and_refresh([self], layer, q[None], scale)
 
-    def refresh(self, layer: int, chunks: torch.Tensor) -> None:
-        """Hold exactly ``chunks (H, k)`` in ``layer``'s selected slots."""
-        state, c = self.layers[layer], self.plan.chunk
-        self.stats.selected_chunks += chunks.numel()
-        held = self.held[layer]
-        if torch.equal(held.sort(dim=1).values, chunks):
-            return  # the common step: the chunks of last step, all in place
-        slot, miss = assign_slots(held, chunks)
-        held.scatter_(1, slot, chunks)
-        heads, j = miss.nonzero(as_tuple=True)
-        ids, where = chunks[heads, j], slot[heads, j]
-        self.stats.missed_chunks += ids.numel()
-        if ids.numel() == 0:
-            return
-        first = self.starts[heads] + self.plan.dense + where * c  # [m]
+    def write_missed(self, layer: int, heads: torch.Tensor, chunks: torch.Tensor,
+                     where: torch.Tensor) -> None:
+        """Rebuild and fetch chunks this request did not hold into their selected slots.
+
+        Parameters
+        ----------
+        heads, chunks, where : torch.Tensor
+            ``(m,)`` int64: KV head, chunk id and selected-slot index of each missed chunk.
+        """
         ws = self.workspace
+        first = self.starts[heads] + self.plan.dense + where * self.plan.chunk  # [m]
+        self.stats.missed_chunks += chunks.numel()
         self.stats.gathered_bytes += self.ops.write_chunks(
-            ws.k[layer], ws.v[layer], first, state, heads, ids, c, self.rotary)
-
-
-def assign_slots(held: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots for this step's chunks, keeping every chunk held last step where it is.
-
-    Parameters
-    ----------
-    held : torch.Tensor
-        ``(H, k)`` chunk id in each slot, -1 for empty.
-    chunks : torch.Tensor
-        ``(H, k)`` this step's chunk ids, distinct within a row.
-
-    Returns
-    -------
-    slot : torch.Tensor
-        ``(H, k)`` int64, the slot of each chunk (a permutation of ``0..k-1`` per row).
-    miss : torch.Tensor
-        ``(H, k)`` bool, True where the chunk was not held (it must be rebuilt).
-    """
-    sorted_held, order = held.sort(dim=1)
-    pos = torch.searchsorted(sorted_held, chunks).clamp(max=held.shape[1] - 1)
-    hit = sorted_held.gather(1, pos) == chunks
-    hit_slot = order.gather(1, pos)
-    # A slot is kept if some hit lands in it (misses add zero to slot 0).
-    kept = torch.zeros_like(chunks).scatter_add(1, torch.where(hit, hit_slot, 0),
-                                                hit.long()) > 0
-    # Free slots in ascending order go to the misses in order; counts match per row.
-    free = torch.argsort(kept.int(), dim=1, stable=True)
-    misses = torch.argsort(hit.int(), dim=1, stable=True)
-    slot = torch.empty_like(chunks).scatter(1, misses, free)
-    return torch.where(hit, hit_slot, slot), ~hit
+            ws.k[layer], ws.v[layer], first, self.layers[layer], heads, chunks,
+            self.plan.chunk, self.rotary)

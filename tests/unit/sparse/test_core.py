@@ -7,10 +7,11 @@ import torch
 
 from sgl_kvtier.attention.dense import decode_attention
 from sgl_kvtier.config import SparseConfig
+from sgl_kvtier.sparse.batch_select import assign_slots
 from sgl_kvtier.sparse.budget import plan_for
 from sgl_kvtier.sparse.decode import SparseStep, merge_tail
 from sgl_kvtier.sparse.paged import paged_decode, paged_decode_ref, region_table
-from sgl_kvtier.sparse.request import SparseRequest, assign_slots
+from sgl_kvtier.sparse.request import SparseRequest
 from sgl_kvtier.sparse.rope import Rotary, inv_freq, rotary_from_config
 from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
 from sgl_kvtier.sparse.state import build_layer_state, low_rank_keys
