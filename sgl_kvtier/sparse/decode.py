@@ -5,7 +5,8 @@ region) and run per layer. Per layer, the requests select their chunks and bring
 workspace regions up to date, all together (:mod:`sgl_kvtier.sparse.batch_select`); one
 paged attention covers every region (``[sink | outliers | local | selected]``: the whole
 prompt as the request sees it); the caller's tail (every generated token, which stays in
-the KV pool) is attended separately and the two states merge exactly. The tail has no length limit, so neither has the output.
+the KV pool) is attended separately and the two states merge exactly. The tail has no
+length limit, so neither has the output.
 
 The first ``dense_layers`` layers (see :class:`SparseRequest`) skip selection and attend
 the request's whole prompt exactly instead.
