@@ -142,6 +142,35 @@ def test_concurrent_shared_prefixes_under_eviction(servers, model_dir, clean_env
     assert state["checksum_failures"] == 0 and state["load_failures"] == 0
 
 
+# Sparse decode that keeps every chunk at full rank: its answers are dense decode's.
+EXACT_SPARSE = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
+                "  budget_max_tokens: 100000\n  rank_fraction: 1.0\n")
+
+
+def test_sparse_decode_over_a_prompt_restored_from_disk(servers, prompts, reference, tmp_path):
+    """The tier and sparse decode on one server: a sparse request's prompt is written to
+    disk before the request lets go of it, and after a restart a request over that prompt
+    is built from the chunks read back, and still decodes dense decode's tokens."""
+    config = tier_yaml(tmp_path / "tier") + EXACT_SPARSE
+    first = servers.start(config)
+    ran = first.generate(prompts["long"], NEW_TOKENS)
+    assert ran.output_ids == reference["outputs"]["long"]
+    assert sparse(first)["requests"] == 1 and sparse(first)["pool_tokens_released"] >= 2000
+    wait_idle(first, 8)  # the prompt's 8 chunks (2047 reusable tokens)
+    first.stop()
+
+    second = servers.start(config)
+    got = second.generate(prompts["long"], NEW_TOKENS)
+    assert got.cached_details.get("storage") == 2047  # from disk, not recomputed
+    assert sparse(second)["requests"] == 1  # and decoded sparsely from those chunks
+    assert got.output_ids == reference["outputs"]["long"]
+    assert tier(second)["checksum_failures"] == 0
+
+
+def sparse(server) -> dict:
+    return server.server_info()["internal_states"][0]["kvtier"]["sparse"]
+
+
 def test_two_servers_share_one_tier(servers, prompts, reference, tmp_path):
     """Data-parallel replicas (or two servers of one model) on one folder: each finds what
     the other wrote, and neither refuses to start."""
