@@ -154,8 +154,13 @@ class ChunkStore:
             if self._closed or self._dir is None or not self._index.pin(check_key(key)):
                 self.counters.add(misses=1)
                 futures.append(_done(None))
-            else:
+                continue
+            try:
                 futures.append(self._pool.submit(self._load_pinned, key, digest, layout, dst))
+            except RuntimeError:  # the interpreter is exiting (the engine died): a miss
+                self._index.unpin(key)
+                self.counters.add(misses=1)
+                futures.append(_done(None))
         return futures
 
     def _load_pinned(self, key: str, digest: bytes | None, layout: ChunkLayout | None,

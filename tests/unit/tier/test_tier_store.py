@@ -48,6 +48,17 @@ def test_round_trip(open_store):
     assert s["bytes_read"] == s["bytes_written"] == 3 * LAYOUT.nbytes
 
 
+def test_a_read_refused_at_interpreter_exit_is_a_miss_and_unpins(open_store):
+    """When the engine dies, Python refuses new thread-pool work: the loader's remaining
+    reads must be misses (not one traceback per chunk), and leave no chunk pinned."""
+    store, prompt = stored(open_store)
+    store._pool.shutdown(wait=True)  # what interpreter exit does to every pool
+    futures = store.submit_load(prompt.keys[:2], prompt.all_chunk_tokens()[:2], LAYOUT)
+    assert [f.result() for f in futures] == [None, None]
+    assert store.stats()["misses"] == 2
+    assert set(prompt.keys) <= set(store._index.unpinned_keys())
+
+
 def test_contains_prefix_stops_at_the_first_gap(open_store):
     store = open_store()
     prompt = make_prompt(4)
