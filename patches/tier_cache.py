@@ -82,6 +82,8 @@ class KVTierRadixCache(SparseRelease, BackgroundLoads, RadixCache):
         self._generation = 0  # bumped by reset(): pins from an older tree are dropped
         self._metrics = None
         self.device_evicted_tokens = 0
+        # Set by the prefill adder while it admits a request: () -> tokens it has left.
+        self.load_budget = None
         super().__init__(params)
         # Whether every rank opened its tier is itself agreed: one rank without a tier
         # must not leave the others waiting in a collective it never reaches.
@@ -159,8 +161,13 @@ class KVTierRadixCache(SparseRelease, BackgroundLoads, RadixCache):
 
     def _alloc(self, hit: DiskHit, req) -> torch.Tensor | None:
         allocator = self.token_to_kv_pool_allocator
-        if allocator.available_size() + self.evictable_size() < self._need(hit, req):
-            return None  # recompute: loading would leave the admitted extend no room
+        need = self._need(hit, req)
+        # In SGLang's admission the adder's budget also holds back what this round already
+        # admitted (their extends are not allocated yet): the pool's free count does not.
+        budget = self.load_budget() if self.load_budget is not None else None
+        if (allocator.available_size() + self.evictable_size() < need
+                or (budget is not None and budget < need)):
+            return None  # recompute: loading would leave the admitted extends no room
         if allocator.available_size() < hit.length:
             self.evict(EvictParams(num_tokens=hit.length - allocator.available_size()))
         return allocator.alloc(hit.length)

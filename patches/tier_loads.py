@@ -13,6 +13,9 @@ Targets (SGLang 0.5.23):
   back at what the tree cache's ``compute_budget`` allows, so that compute never runs into
   the loaded part; a request with nothing to compute yet sits the round out, and so does
   one that computed a chunk last round while others are decoding (they get that step).
+  While it admits a request it lends the tree cache ``load_budget`` (what the round has
+  left), so that a load inside SGLang's admission (``init_load_back``) never takes the room
+  of requests admitted before it.
 - ``Scheduler.get_next_batch_to_run`` (AFTER): when there is nothing to run and a hit is
   loading, wait on the load for up to ``IDLE_WAIT_S`` instead of spinning: an idle
   scheduler loops without sleeping while requests wait, holding the GIL that the loader
@@ -43,10 +46,21 @@ def _adder_class(base: type) -> type:
         """``PrefillAdder`` that leaves requests with a disk hit in flight waiting."""
 
         def add_one_req(self, req, has_chunked_req, *args, **kwargs):
-            admit_now = getattr(self.tree_cache, "admit_now", None)
-            if admit_now is None:
+            if not hasattr(self.tree_cache, "admit_now"):
                 return super().add_one_req(req, has_chunked_req, *args, **kwargs)
-            verdict = admit_now(req, min(self.rem_total_tokens, self.cur_rem_tokens))
+            # A load inside SGLang's own admission (init_load_back) asks what is left then.
+            self.tree_cache.load_budget = self._remaining
+            try:
+                return self._add_one_req(req, has_chunked_req, *args, **kwargs)
+            finally:
+                self.tree_cache.load_budget = None
+
+        def _remaining(self) -> int:
+            return min(self.rem_total_tokens, self.cur_rem_tokens)
+
+        def _add_one_req(self, req, has_chunked_req, *args, **kwargs):
+            admit_now = self.tree_cache.admit_now
+            verdict = admit_now(req, self._remaining())
             if verdict is None:
                 return AddReqResult.NO_TOKEN  # its load does not fit this round
             if not verdict:

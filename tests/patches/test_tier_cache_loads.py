@@ -3,7 +3,7 @@
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from tier_cache_harness import CHUNK, admit, build, request, store_chunks
+from tier_cache_harness import CHUNK, admit, build, load, lookup, request, store_chunks
 
 PREFIX = 25 * CHUNK  # on the device
 TOKENS = list(range(5000, 5000 + 28 * CHUNK + 1))  # 3 more chunks on disk, then one token
@@ -73,6 +73,24 @@ def test_a_load_takes_no_more_than_the_budget_it_was_checked_against(tmp_path):
         else:
             admit(cache, req)
             assert req.prefix_len == 28 * CHUNK
+
+
+def test_a_load_inside_sglangs_admission_respects_the_round_budget(tmp_path):
+    """``init_load_back`` (``tier.async_load: false``) runs inside SGLang's admission,
+    whose budget also holds back the extends of requests admitted earlier in the round:
+    free slots alone would let the load take their room."""
+    need = 3 * CHUNK + 1 + 256
+    for budget, loads in ((need - 1, False), (need, True)):
+        cache = cache_with_device_prefix(tmp_path / str(budget))
+        req = request(TOKENS)
+        host_hit, node = lookup(cache, req)
+        assert host_hit == 3 * CHUNK
+        cache.load_budget = lambda budget=budget: budget  # what the adder has left
+        free = cache.token_to_kv_pool_allocator.available_size()
+        assert free > need  # the pool alone would have said yes
+        assert load(cache, req, host_hit, node) == (3 * CHUNK if loads else 0)
+        taken = free - cache.token_to_kv_pool_allocator.available_size()
+        assert taken == (3 * CHUNK if loads else 0)
 
 
 def pool_left(cache) -> int:
