@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     add_sample_arguments(parser)
     parser.add_argument("--budget", type=float, default=0.06,
                         help="budget fraction (default 0.06)")
+    parser.add_argument("--rank-min", type=int, default=SparseConfig().rank_min,
+                        help="floor of the low-rank keys' rank (sparse.rank_min; the embedded "
+                        "model's 192 key dimensions x rank_fraction 0.16 is below it, so "
+                        "this is its rank; default %(default)s)")
     parser.add_argument("--max-answer-tokens", type=int, default=40,
                         help="greedy tokens after the question at most (default 40)")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, _SEL.rotary = load_with_attention("kvtier_select", _attend)
     samples = needle_samples(tokenizer, args)
     config = SparseConfig(enabled=True, budget_fraction=args.budget,
-                          budget_min_tokens=args.budget_min_tokens)
+                          budget_min_tokens=args.budget_min_tokens, rank_min=args.rank_min)
     records = []
     for sample, rule in tqdm([(s, r) for s in samples for r in args.rules], desc="decodes"):
         text, spelled = _forced_decode(model, tokenizer, sample, rule, config,
@@ -209,7 +213,7 @@ def _table(records: list[dict], args) -> str:
         by.setdefault((r["rule"], r["task"]), []).append(r["score"])
     head = ["task"] + args.rules
     lines = [f"Question forced ({args.forcing} tokens), budget {100 * args.budget:g} % "
-             f"(floor {args.budget_min_tokens} tokens), "
+             f"(floor {args.budget_min_tokens} tokens), key rank floor {args.rank_min}, "
              f"{args.length} tokens, RULER score (paired difference vs dense, mean "
              f"[95 % interval])", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in args.tasks + ["mean"]:

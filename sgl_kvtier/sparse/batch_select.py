@@ -9,8 +9,8 @@ assignment, one miss list and one synchronisation per layer for the whole group.
 and the rebuild/fetch of missed chunks stay per request, as each reads its own prompt state.
 
 Rows of different requests are independent, so the result is the per-request result: the
-same chunks held in the same slots (:func:`sgl_kvtier.sparse.request.assign_slots` works row
-by row), the same bytes in the workspace, the same counters.
+same chunks held in the same slots (:func:`assign_slots` works row by row), the same bytes in
+the workspace, the same counters.
 """
 
 from __future__ import annotations
