@@ -38,8 +38,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import yaml
 from serverlib import SERVER_BASE
 
+from sgl_kvtier.config import ConfigError, config_from_dict
 from sgl_kvtier.eval.records import provenance
 from sgl_kvtier.harness.models import model_path
 from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
@@ -49,9 +51,24 @@ DENSE = {"custom_params": {"kvtier_sparse": False}}
 _SKIP = 3  # tokens whose gaps are left out: prefill, the dense first step, the switch
 
 
-def _server(folder: Path, name: str, extra: list[str]) -> Server:
+def _sparse_settings(pairs: list[str]) -> dict:
+    """``["chunk_tokens=4", ...]`` as a validated ``sparse`` section (enabled)."""
+    settings: dict = {"enabled": True}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--sparse {pair!r}: expected KEY=VALUE")
+        settings[key] = yaml.safe_load(value)
+    try:
+        config_from_dict({"sparse": settings}, where="--sparse")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    return settings
+
+
+def _server(folder: Path, name: str, extra: list[str], sparse: dict) -> Server:
     config = folder / f"{name}.yaml"
-    config.write_text("sparse:\n  enabled: true\n")
+    config.write_text(yaml.safe_dump({"sparse": sparse}))
     base = list(SERVER_BASE)
     if "--max-total-tokens" in extra:  # ours replaces the shared default
         i = base.index("--max-total-tokens")
@@ -141,9 +158,14 @@ def capacity(server: Server, tok, requests: dict[str, int], context: int,
     return out
 
 
+def _settings_text(args) -> str:
+    return ("default sparse settings" if not args.sparse
+            else "sparse settings: defaults but " + ", ".join(args.sparse))
+
+
 def _step_lines(rows: list[dict], args) -> list[str]:
     lines = ["Median time per decode step of the whole batch (float32, embedded SmolLM2-135M,"
-             f" default sparse settings, {args.decode_tokens} tokens per request).", "",
+             f" {_settings_text(args)}, {args.decode_tokens} tokens per request).", "",
              "| context | batch | dense ms/step | sparse ms/step | sparse speed-up |",
              "|---:|---:|---:|---:|---:|"]
     return lines + [f"| {r['context']} | {r['batch']} | {r['dense_step_s'] * 1000:.0f} | "
@@ -154,7 +176,8 @@ def _capacity_lines(cap: dict, args) -> list[str]:
     ratio = cap["sparse"] / max(cap["dense"], 1)
     return [f"Capacity: distinct {args.context}-token prompts sent at once to a server with "
             f"--max-total-tokens {args.pool_tokens}, {args.capacity_tokens} tokens each "
-            f"({args.dense_requests} dense, then {args.requests} sparse); a request decodes "
+            f"({args.dense_requests} dense, then {args.requests} sparse, "
+            f"{_settings_text(args)}); a request decodes "
             "from its first token to its last.", "",
             "| decode | requests sent | most decoding together |", "|---|---:|---:|",
             f"| dense | {args.dense_requests} | {cap['dense']} |",
@@ -197,9 +220,13 @@ def main() -> None:
                         help="tokens per request in the capacity runs")
     parser.add_argument("--skip-capacity", action="store_true", help="step times only")
     parser.add_argument("--skip-steps", action="store_true", help="capacity only")
+    parser.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
+                        help="a sparse setting for both servers, e.g. --sparse chunk_tokens=4 "
+                             "--sparse keys=exact (repeat it; default: the defaults)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/sparse-perf"),
                         help="folder for table.md and perf.json")
     args = parser.parse_args()
+    sparse = _sparse_settings(args.sparse)
     bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
     machine = f"{provenance()['hardware']}, AVX512-BF16: {'yes' if bf16 else 'no'}"
     print(machine, flush=True)
@@ -209,10 +236,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.skip_steps:
-            with _server(folder, "steps", ["--max-total-tokens", str(pool)]) as server:
+            with _server(folder, "steps", ["--max-total-tokens", str(pool)], sparse) as server:
                 rows = step_times(server, tok, args.contexts, args.batches, args.decode_tokens)
         if not args.skip_capacity:
-            with _server(folder, "capacity", ["--max-total-tokens", str(args.pool_tokens)]) as s:
+            pool_args = ["--max-total-tokens", str(args.pool_tokens)]
+            with _server(folder, "capacity", pool_args, sparse) as s:
                 cap = capacity(s, tok, {"dense": args.dense_requests, "sparse": args.requests},
                                args.context, args.capacity_tokens)
     args.out.mkdir(parents=True, exist_ok=True)

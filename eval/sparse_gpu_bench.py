@@ -178,7 +178,7 @@ def step_rows(dev: torch.device, context: int, args, rows: list[dict]) -> list[d
     ``rows`` as they are measured."""
     s = _shapes(args.smoke)
     h, g, d = s["kv_heads"], s["group"], s["head_dim"]
-    config = SparseConfig(enabled=True)
+    config = SparseConfig(enabled=True).resolved("cuda")  # a GPU server's, also in --smoke
     if args.smoke:
         config = config.model_copy(update={"budget_min_tokens": 64, "local_tokens": 16})
     plan = plan_for(config, context, h, d)

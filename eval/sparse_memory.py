@@ -36,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     parser.add_argument("--config", help="kvtier YAML whose sparse section to use "
                         "(default: the built-in defaults)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="the server device whose defaults apply where the sparse "
+                             "section leaves keys and chunk_tokens to it (default: cuda: "
+                             "low-rank keys, chunks of 8)")
     parser.add_argument("--out", type=Path, help="folder for table.md and memory.json")
     args = parser.parse_args(argv)
-    config = load_config(args.config).sparse
+    config = load_config(args.config).sparse.resolved(args.device)
     reports = [measure_memory(config, n, args.layers, args.kv_heads, args.head_dim,
                               torch.bfloat16)
                for n in tqdm(args.contexts, desc="building one layer's state")]
@@ -67,7 +71,7 @@ def _table(reports, args) -> str:
     rows = [("**device total**", lambda r: cell(r.device_total)),
             ("dense KV (device)", lambda r: cell(r.dense)),
             ("**dense / sparse device**", lambda r: f"{r.saving:.2f}x"),
-            ("values (host memory)", lambda r: cell(r.host)),
+            ("host memory (values; keys too when exact)", lambda r: cell(r.host)),
             ("rank / selected / outlier chunks",
              lambda r: f"{r.plan.rank} / {r.plan.selected} / {r.plan.outlier_chunks}")]
     for label, fn in rows:

@@ -11,16 +11,22 @@ per KV head, over the model's true keys and values unless the rule says otherwis
 
 - ``dense``: every chunk (the reference);
 - ``landmark``: ShadowKV's mean-key scores, the server's default (``select.py``);
-- ``landmark_lowrank``: the same chunks, their keys rebuilt from the rank-``r`` pre-RoPE
-  factors as the server attends them (sink, outliers and local window keep true keys);
+- ``bound``: Quest's bound (per-dimension key min and max of each chunk) in every layer
+  (the server's ``selection: bound``);
+- ``mixed``: the bound in the layers ``--bound-layers`` names, landmarks elsewhere;
+- ``either``: a chunk's score is the larger of its landmark and bound softmax weights
+  (selected if either scorer wants it);
+- ``<rule>_lowrank``: that rule's chunks with their keys rebuilt from the rank-``r``
+  pre-RoPE factors, as the server attends them (sink, outliers and local window keep true
+  keys);
 - ``oracle``: the ``k`` chunks with the most attention under the true keys (softmax mass,
   max over the GQA group): the best a selection of ``k`` chunks can do.
 
 If ``oracle`` scores like ``dense`` and ``landmark`` does not, the loss is the selection
 rule; if ``oracle`` falls short too, no chunk selection at this budget finds the needle on
 this model; ``landmark_lowrank`` against ``landmark`` is what the low-rank keys cost.
-Answers are greedy with newline tokens barred, as the server's regex (``[^\\n]{1,120}``
-after the question) bars them.
+Answers are greedy with newline tokens barred, as the server's forcing bars them
+(``sgl_kvtier/eval/forced_tokens.py``; ``--forcing any`` is its older regex protocol).
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ from sgl_kvtier.eval.records import provenance
 from sgl_kvtier.eval.ruler.scoring import score
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
 from sgl_kvtier.sparse.rope import Rotary
-from sgl_kvtier.sparse.select import chunk_scores, select_chunks
+from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
 from sgl_kvtier.sparse.state import LayerState, build_layer_state
 
-RULES = ("dense", "landmark", "landmark_lowrank", "oracle")
+RULES = ("dense", "landmark", "landmark_lowrank", "bound", "bound_lowrank", "mixed",
+         "mixed_lowrank", "either", "either_lowrank", "oracle")
 
 
 @dataclass
@@ -63,6 +70,8 @@ class Selection:
     rotary: Rotary | None = None
     states: dict[int, LayerState] = field(default_factory=dict)
     rebuilt: dict[int, torch.Tensor] = field(default_factory=dict)  # (H, M, D) per layer
+    bound_layers: range = range(0)
+    layer: int = 0
 
 
 _SEL = Selection()
@@ -73,13 +82,14 @@ def _attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
     if query.shape[2] > 1:  # prefill: dense, and the layer's sparse state from its prompt
         if _SEL.plan is not None:
             k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (T, H, D)
-            state = build_layer_state(k, v, _SEL.plan, _SEL.rotary)
+            state = build_layer_state(k, v, _SEL.plan, _SEL.rotary, bounds=True)
             _SEL.states[layer] = state
             _SEL.rebuilt[layer] = rebuilt_middle(state, _SEL.plan, _SEL.rotary)
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     q, k, v = query[0, :, 0].float(), key[0].float(), value[0].float()  # (H_q, D), (H, T, D)
+    _SEL.layer = layer
     h, t, d = k.shape
-    if _SEL.rule == "landmark_lowrank":
+    if _SEL.rule.endswith("_lowrank"):
         k = k.clone()
         k[:, _SEL.plan.sink:_SEL.plan.shared] = _SEL.rebuilt[layer]
     logits = q.view(h, -1, d) @ k.transpose(1, 2) * scaling  # (H, G, T)
@@ -92,8 +102,15 @@ def _attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
 
 def _keep(q: torch.Tensor, k: torch.Tensor, state: LayerState, scale: float) -> torch.Tensor:
     """(H, T) bool: the keys this step attends under the current rule."""
-    plan, able = _SEL.plan, state.selectable
-    if _SEL.rule.startswith("landmark"):
+    plan, able, rule = _SEL.plan, state.selectable, _SEL.rule
+    rule = rule.removesuffix("_lowrank")
+    bound = rule == "bound" or (rule == "mixed" and _SEL.layer in _SEL.bound_layers)
+    if rule == "either":
+        scores = torch.maximum(chunk_scores(q, state.landmarks, able, scale),
+                               bound_scores(q, state.bounds, able, scale))
+    elif bound:
+        scores = bound_scores(q, state.bounds, able, scale)
+    elif rule in ("landmark", "mixed"):
         scores = chunk_scores(q, state.landmarks, able, scale)
     else:  # oracle
         h, _, d = k.shape
@@ -118,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="floor of the low-rank keys' rank (sparse.rank_min; the embedded "
                         "model's 192 key dimensions x rank_fraction 0.16 is below it, so "
                         "this is its rank; default %(default)s)")
+    parser.add_argument("--chunk-tokens", type=int, default=8,
+                        help="tokens per landmark chunk (sparse.chunk_tokens; default "
+                        "%(default)s, ShadowKV's and a GPU server's)")
     parser.add_argument("--max-answer-tokens", type=int, default=40,
                         help="greedy tokens after the question at most (default 40)")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
@@ -127,13 +147,19 @@ def main(argv: list[str] | None = None) -> int:
                         "(Quest's protocol); any: at each step the model's best token among "
                         "those that spell the rest of the question, as SGLang's regex "
                         "constraint lets it (default canonical)")
+    parser.add_argument("--bound-layers", type=int, nargs=2, default=(3, 10),
+                        metavar=("FIRST", "LAST"),
+                        help="mixed: the layers (inclusive) that score by the bound "
+                        "(default 3 10, where the recall run found it keeps more)")
     parser.add_argument("--out", type=Path, help="folder for table.md and records.jsonl")
     args = parser.parse_args(argv)
     args.rules = ["dense"] + [r for r in args.rules if r != "dense"]
+    _SEL.bound_layers = range(args.bound_layers[0], args.bound_layers[1] + 1)
     model, tokenizer, _SEL.rotary = load_with_attention("kvtier_select", _attend)
     samples = needle_samples(tokenizer, args)
     config = SparseConfig(enabled=True, budget_fraction=args.budget,
-                          budget_min_tokens=args.budget_min_tokens, rank_min=args.rank_min)
+                          budget_min_tokens=args.budget_min_tokens, rank_min=args.rank_min,
+                          chunk_tokens=args.chunk_tokens, keys="lowrank")
     records = []
     for sample, rule in tqdm([(s, r) for s in samples for r in args.rules], desc="decodes"):
         text, spelled = _forced_decode(model, tokenizer, sample, rule, config,
@@ -213,7 +239,8 @@ def _table(records: list[dict], args) -> str:
         by.setdefault((r["rule"], r["task"]), []).append(r["score"])
     head = ["task"] + args.rules
     lines = [f"Question forced ({args.forcing} tokens), budget {100 * args.budget:g} % "
-             f"(floor {args.budget_min_tokens} tokens), key rank floor {args.rank_min}, "
+             f"(floor {args.budget_min_tokens} tokens), chunks of {args.chunk_tokens}, "
+             f"key rank floor {args.rank_min}, "
              f"{args.length} tokens, RULER score (paired difference vs dense, mean "
              f"[95 % interval])", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in args.tasks + ["mean"]:

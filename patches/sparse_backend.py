@@ -45,9 +45,10 @@ class SparseDecode:
         manager = SparseManager(config, rotary, layers, heads, head_dim, slots, k0.dtype,
                                 k0.device, attend, ops)
         install_bridge(manager)
-        log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens: kernel %s "
-                 "(scores and gathers: %s), workspace %d slots (%.0f MiB)",
-                 config.min_context_tokens, name, ops.name, slots,
+        log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens: %s keys, chunks "
+                 "of %d tokens, kernel %s (scores and gathers: %s), workspace %d slots "
+                 "(%.0f MiB)", config.min_context_tokens, manager.config.keys,
+                 manager.config.chunk_tokens, name, ops.name, slots,
                  manager.workspace.nbytes() / 2**20)
 
     # ------------------------------------------------------------ per batch
@@ -82,9 +83,10 @@ class SparseDecode:
         if link.manager.convert(rid, offer.tokens, read, offer.scope):
             link.mark_converted(rid, offer.boundary)
             plan = link.manager.requests[rid].plan
-            log.info("sgl_kvtier: sparse decode for %s: %d prompt tokens -> rank %d, %d of "
+            keys = f"rank-{plan.rank} keys" if plan.rank else "exact keys"
+            log.info("sgl_kvtier: sparse decode for %s: %d prompt tokens -> %s, %d of "
                      "%d chunks selected + %d dense tokens per KV head (%.0f ms)", rid,
-                     offer.boundary, plan.rank, plan.selected_chunks, plan.chunks,
+                     offer.boundary, keys, plan.selected_chunks, plan.chunks,
                      plan.dense, 1000 * (time.perf_counter() - start))
 
     # ------------------------------------------------------------ per layer

@@ -106,7 +106,9 @@ class SparseConfig(_Section):
 
     enabled: bool = False
     min_context_tokens: int = Field(2048, gt=0, description="shorter contexts stay dense")
-    chunk_tokens: int = Field(8, gt=0, le=64, description="tokens per landmark chunk")
+    chunk_tokens: int | None = Field(None, gt=0, le=64, description=(
+        "tokens per landmark chunk; default: 4 with exact keys, 8 with low-rank keys (whose "
+        "device memory the finer landmarks would outgrow)"))
     budget_fraction: float = Field(0.06, gt=0, le=1, description=(
         "tokens selected per KV head per step, as a fraction of the context"))
     budget_min_tokens: int = Field(256, gt=0, description="floor of the selected tokens")
@@ -114,6 +116,12 @@ class SparseConfig(_Section):
     rank_fraction: float = Field(0.16, gt=0, le=1, description=(
         "rank of the joint pre-RoPE key factors, as a fraction of KV heads x head dim"))
     rank_min: int = Field(32, gt=0, description="floor of that rank")
+    keys: Literal["auto", "lowrank", "exact"] = Field("auto", description=(
+        "lowrank: ShadowKV's joint pre-RoPE key factors on the device, the selected chunks' "
+        "keys rebuilt from them each step; exact: the prompt's post-RoPE keys held off the "
+        "pool beside the values and fetched like them (no rank loss and no factors on the "
+        "device; twice the host bytes and fetch traffic); auto: exact on a CPU server, "
+        "where host and device are one memory and the fetch is a copy, lowrank on a GPU"))
     outlier_fraction: float = Field(0.003, ge=0, le=1, description=(
         "chunks kept dense (least like their landmark), as a fraction of the chunks"))
     outlier_min_chunks: int = Field(4, ge=0, description="floor of the outlier chunks")
@@ -131,6 +139,17 @@ class SparseConfig(_Section):
         "that finds it full decodes densely"))
     kernel: Literal["auto", "torch", "triton", "flashinfer"] = Field("auto", description=(
         "auto: FlashInfer + Triton where a GPU has them, PyTorch elsewhere"))
+
+    def resolved(self, device: str) -> SparseConfig:
+        """This section with ``keys`` and ``chunk_tokens`` made concrete for a server whose
+        model runs on ``device`` (a torch device type: ``"cpu"``, ``"cuda"``)."""
+        keys = self.keys if self.keys != "auto" else "exact" if device == "cpu" else "lowrank"
+        chunk = self.chunk_tokens or (4 if keys == "exact" else 8)
+        return self.model_copy(update={"keys": keys, "chunk_tokens": chunk})
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.keys != "auto" and self.chunk_tokens is not None
 
     @model_validator(mode="after")
     def _ordered(self):

@@ -30,7 +30,7 @@ def _list(directory: Path) -> int:
     return 0
 
 
-def _run(path: Path, out: Path) -> int:
+def _run(path: Path, out: Path, resume: Path | None) -> int:
     from sgl_kvtier.eval.runner import run
 
     try:
@@ -43,9 +43,10 @@ def _run(path: Path, out: Path) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        result = run(spec, path.read_text(), out)
+        result = run(spec, path.read_text(), out, resume)
     except KeyboardInterrupt:
-        print("interrupted: servers stopped; the run folder is marked incomplete", file=sys.stderr)
+        print("interrupted: servers stopped; the run folder is marked incomplete (continue "
+              "it with --resume FOLDER)", file=sys.stderr)
         return 130
     except (ServerError, FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("file", type=Path, help="the run file, e.g. eval/configs/quickstart.yaml")
     p_run.add_argument("--out", type=Path, default=Path("runs"),
                        help="folder that receives the run folder (default: ./runs)")
+    p_run.add_argument("--resume", type=Path, metavar="FOLDER",
+                       help="continue this incomplete run folder of the same run file: the "
+                            "RULER samples it holds are kept and not asked again (RULER "
+                            "workloads only)")
     p_list = sub.add_parser("list", help="list the run files and their descriptions")
     p_list.add_argument("--dir", type=Path, default=DEFAULT_CONFIGS,
                         help=f"folder of run files (default: {DEFAULT_CONFIGS})")
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return _list(args.dir)
     if args.command == "perf":
         return _perf(args.bench_json, args.baselines, args.tripwire, args.fail_on_drift)
-    return _run(args.file, args.out)
+    return _run(args.file, args.out, args.resume)
 
 
 if __name__ == "__main__":

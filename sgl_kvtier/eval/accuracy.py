@@ -6,34 +6,51 @@ both configurations being compared see the same text.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
+from sgl_kvtier.eval.forced_tokens import forcing_params, processor_string
 from sgl_kvtier.eval.ruler import generate
 from sgl_kvtier.eval.ruler.scoring import score
 from sgl_kvtier.eval.spec import RulerWorkload
 from sgl_kvtier.harness.server import Server
 
-__all__ = ["run_ruler", "steps", "split_question", "literal_regex", "sparse_stats"]
+__all__ = ["run_ruler", "steps", "sample_keys", "split_question", "literal_regex", "sparse_stats"]
 
 
 def steps(work: RulerWorkload) -> int:
     return len(work.tasks) * len(work.lengths) * work.num_samples + 1  # + the counters
 
 
-def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int) -> Iterator[dict]:
-    """Yield one scored record body per sample."""
+def sample_keys(work: RulerWorkload) -> set[tuple[str, int, int]]:
+    """``(task as recorded, length, index)`` of every sample the workload scores."""
+    return {(_recorded_task(work, task), length, index) for length in work.lengths
+            for task in work.tasks for index in range(work.num_samples)}
+
+
+def _recorded_task(work: RulerWorkload, task: str) -> str:
+    return f"{task}:decode" if work.question_in_decode else task
+
+
+def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int,
+              done: set[tuple[str, int, int]] = frozenset()) -> Iterator[dict]:
+    """Yield one scored record body per sample, except the samples in ``done`` (keys as
+    :func:`sample_keys`: already scored by the run this one resumes)."""
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     for length in work.lengths:
         for task in work.tasks:
+            name = _recorded_task(work, task)
             for sample in generate(task, count, length, work.num_samples, seed,
                                    work.max_new_tokens):
-                if work.question_in_decode:
-                    name, (gen, text) = f"{task}:decode", _question_in_decode(
-                        server, sample, count)
+                if (name, length, sample.index) in done:
+                    continue
+                if work.question_in_decode and work.forcing == "tokens":
+                    gen, text = _question_tokens_in_decode(server, sample, tokenizer)
+                elif work.question_in_decode:
+                    gen, text = _question_in_decode(server, sample, count)
                 else:
-                    name = task
                     gen = server.generate(sample.prompt, sample.max_new_tokens)
                     text = gen.text
                 yield {"workload": "ruler", "task": name, "length": length,
@@ -42,6 +59,7 @@ def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int) -> Iter
                        "prediction": text, "answers": sample.answers,
                        "ttft_s": gen.ttft_s}
     yield {"workload": "ruler_stats", "question_in_decode": work.question_in_decode,
+           "forcing": work.forcing if work.question_in_decode else None,
            "sparse": sparse_stats(server)}
 
 
@@ -79,3 +97,24 @@ def _question_in_decode(server: Server, sample, count) -> tuple:
     gen = server.generate(context, 2 * count(question) + 16 + sample.max_new_tokens,
                           regex=regex)
     return gen, gen.text[len(question):] if gen.text.startswith(question) else gen.text
+
+
+def _question_tokens_in_decode(server: Server, sample, tokenizer) -> tuple:
+    """Send the haystack only; the question follows as the tokenizer's own tokens, one per
+    decode step (Quest's protocol), then the model answers on one line (newline tokens
+    barred, as the regex protocol bars them). Returns the generation and the answer text."""
+    context, question = split_question(sample.prompt)
+    forced = tokenizer(question, add_special_tokens=False)["input_ids"]
+    gen = server.generate(context, len(forced) + sample.max_new_tokens,
+                          logit_processor=processor_string(),
+                          custom_params=forcing_params(forced, _newline_tokens(tokenizer)))
+    if gen.output_ids[:len(forced)] != forced:
+        # The measurement is void if the server did not feed exactly these tokens.
+        raise RuntimeError(f"the server did not force the question's tokens: sent {forced}, "
+                           f"got {gen.output_ids[:len(forced)]}")
+    return gen, tokenizer.decode(gen.output_ids[len(forced):], skip_special_tokens=True)
+
+
+@functools.cache
+def _newline_tokens(tokenizer) -> list[int]:
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]

@@ -64,7 +64,7 @@ def kernel_rows(dev: torch.device, s: dict, context: int, flashinfer: bool) -> l
     from sgl_kvtier.sparse import triton_ops as tk
 
     h, g, d = s["kv_heads"], s["group"], s["head_dim"]
-    plan = plan_for(SparseConfig(), context, h, d)
+    plan = plan_for(SparseConfig().resolved("cuda"), context, h, d)
     c, n, k = plan.chunk, plan.chunks, plan.selected_chunks
     scale = d ** -0.5
     rows = []

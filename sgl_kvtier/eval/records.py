@@ -3,7 +3,8 @@
 A run folder holds ``spec.yaml`` (the run file as given), ``records.jsonl`` (one line per
 measurement, each tagged with the run's provenance), ``events.jsonl`` (server starts and
 stops), ``logs/`` (server logs), the report files, and ``COMPLETE`` only once everything
-finished: a folder without it is partial.
+finished: a folder without it is partial. A partial folder can be resumed
+(:meth:`RunFolder.resume`): its records stay, and the run measures only what they lack.
 """
 
 from __future__ import annotations
@@ -60,12 +61,53 @@ class RunFolder:
 
     def __init__(self, root: Path, name: str, spec_text: str, spec_hash: str):
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.path = Path(root) / f"{name}-{stamp}"
-        (self.path / "logs").mkdir(parents=True, exist_ok=False)
+        path = Path(root) / f"{name}-{stamp}"
+        path.mkdir(parents=True, exist_ok=False)
+        self._open(path, name, spec_hash, [])
         (self.path / "spec.yaml").write_text(spec_text)
+
+    @classmethod
+    def resume(cls, path: Path, name: str, spec_hash: str) -> RunFolder:
+        """Reopen the partial run folder ``path`` of the same run file (same hash): its
+        records are kept, new ones are appended. A last line cut short by a killed process
+        is dropped. Raises ValueError if the folder is complete or of another run file."""
+        path = Path(path)
+        if not (path / "records.jsonl").is_file():
+            raise ValueError(f"--resume {path}: not a run folder (no records.jsonl)")
+        if (path / "COMPLETE").exists():
+            raise ValueError(f"--resume {path}: the run is already complete")
+        lines = (path / "records.jsonl").read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"--resume {path}: records.jsonl line {number} is not "
+                                     "JSON (only the last line may be cut short)") from None
+        hashes = {r.get("config_hash") for r in records}
+        if hashes - {spec_hash}:
+            raise ValueError(f"--resume {path}: its records are of run file "
+                             f"{', '.join(sorted(map(str, hashes)))}, this one is {spec_hash}; "
+                             "a resumed run must use the same file")
+        (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        folder = cls.__new__(cls)
+        folder._open(path, name, spec_hash, records)
+        folder.event(event="resume", records=len(records), git_commit=folder.tags["git_commit"])
+        return folder
+
+    def _open(self, path: Path, name: str, spec_hash: str, records: list[dict]) -> None:
+        self.path = path
+        (self.path / "logs").mkdir(exist_ok=True)  # not committed with a resumable folder
         self.tags = {"run": name, "config_hash": spec_hash, **provenance()}
         self._records = open(self.path / "records.jsonl", "a")
-        self.records: list[dict] = []
+        self.records: list[dict] = records
+
+    def commits(self) -> list[str]:
+        """The git commits the records were measured at, in order (more than one once a
+        run was resumed at another commit)."""
+        seen = dict.fromkeys(r["git_commit"] for r in self.records if "git_commit" in r)
+        return list(seen) or [self.tags["git_commit"]]
 
     def log_path(self, label: str) -> Path:
         return self.path / "logs" / f"{label}.log"

@@ -2,7 +2,9 @@
 workload, stop it; then summarise, check gates, write the report.
 
 A failure or Ctrl-C stops the current server (its whole process group), keeps what was
-measured, and marks the run folder incomplete.
+measured, and marks the run folder incomplete. ``run(..., resume=FOLDER)`` continues such a
+folder: RULER samples it already scored are not asked again, and a server with nothing left
+to measure is not started (how a run of many hours spans several sittings).
 """
 
 from __future__ import annotations
@@ -41,11 +43,21 @@ class RunResult:
 def _server_args(spec: RunSpec, server: ServerSpec, model_dir: Path,
                  folder: RunFolder) -> list[str]:
     args = [*spec.server_defaults, *server.args, "--model-path", str(model_dir)]
+    if _forces_tokens(spec):
+        # The processor reads the request's output so far; the overlap scheduler samples a
+        # step before it appends the last one, which would force every token twice.
+        args += [a for a in ("--enable-custom-logit-processor", "--disable-overlap-schedule")
+                 if a not in args]
     if server.kvtier is not None:
         path = folder.path / f"kvtier-{server.name}.yaml"
         path.write_text(yaml.safe_dump(_in_run_folder(server.kvtier, folder.path)))
         args += ["--kvtier-config", str(path)]
     return args
+
+
+def _forces_tokens(spec: RunSpec) -> bool:
+    return any(getattr(w, "question_in_decode", False) and w.forcing == "tokens"
+               for w in spec.workloads)
 
 
 def _in_run_folder(kvtier: dict, run_dir: Path) -> dict:
@@ -79,7 +91,7 @@ def _settle_tier(server: Server, timeout: float = 600.0) -> None:
 
 
 def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokenizer,
-                folder: RunFolder, bar: tqdm) -> None:
+                folder: RunFolder, bar: tqdm, done: set) -> None:
     args = _server_args(spec, server_spec, model_dir, folder)
     starts = itertools.count(1)
 
@@ -112,7 +124,7 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
             if work.kind == "latency":
                 bodies = latency.run_latency(current[0], restart, tokenizer, work)
             elif work.kind == "ruler":
-                bodies = accuracy.run_ruler(current[0], tokenizer, work, spec.seed)
+                bodies = accuracy.run_ruler(current[0], tokenizer, work, spec.seed, done)
             elif work.kind == "decode_agreement":
                 bodies = decode_agreement.run_decode_agreement(
                     current[0], server_spec.name, tokenizer, work, folder.path / "raw",
@@ -127,19 +139,31 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
         stop()
 
 
-def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
-    """Run every server configuration and workload of ``spec`` into a new run folder."""
+def run(spec: RunSpec, spec_text: str, out_root: Path,
+        resume: Path | None = None) -> RunResult:
+    """Run every server configuration and workload of ``spec`` into a new run folder, or
+    into the partial run folder ``resume`` of the same run file (RULER workloads only)."""
+    if resume is not None and (kinds := {w.kind for w in spec.workloads} - {"ruler"}):
+        raise ValueError(f"--resume: only RULER workloads can be resumed; {spec.name} has "
+                         f"{', '.join(sorted(kinds))}")
     model_dir = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_dir)
-    folder = RunFolder(out_root, spec.name, spec_text, spec.digest())
+    folder = (RunFolder(out_root, spec.name, spec_text, spec.digest()) if resume is None
+              else RunFolder.resume(resume, spec.name, spec.digest()))
     workloads = {"latency": latency, "ruler": accuracy, "agreement": agreement,
                  "decode_agreement": decode_agreement}
     total = len(spec.servers) * sum(workloads[w.kind].steps(w) for w in spec.workloads)
+    scored = _scored(folder.records)
     complete = False
     try:
         with tqdm(total=total, desc=spec.name, unit="meas", file=sys.stderr) as bar:
             for server_spec in _server_order(spec):
-                _run_server(spec, server_spec, model_dir, tokenizer, folder, bar)
+                done = scored.get(server_spec.name, set())
+                bar.update(len(done))
+                if resume is not None and _nothing_left(spec, done):
+                    bar.update(len(spec.workloads))  # its counters, recorded before
+                    continue
+                _run_server(spec, server_spec, model_dir, tokenizer, folder, bar, done)
         for work in spec.workloads:
             if work.kind in ("agreement", "decode_agreement"):
                 for body in workloads[work.kind].compare(folder.records, folder.path, work):
@@ -149,6 +173,19 @@ def run(spec: RunSpec, spec_text: str, out_root: Path) -> RunResult:
         verdicts = _report(spec, folder, complete)
         folder.close(complete)
     return RunResult(folder, verdicts, complete)
+
+
+def _scored(records: list[dict]) -> dict[str, set[tuple[str, int, int]]]:
+    """Per server, the RULER samples a resumed folder already holds."""
+    out: dict[str, set] = {}
+    for r in records:
+        if r.get("workload") == "ruler":
+            out.setdefault(r["server"], set()).add((r["task"], r["length"], r["index"]))
+    return out
+
+
+def _nothing_left(spec: RunSpec, done: set) -> bool:
+    return all(accuracy.sample_keys(w) <= done for w in spec.workloads)
 
 
 def _server_order(spec: RunSpec) -> list[ServerSpec]:
@@ -169,7 +206,8 @@ def _report(spec: RunSpec, folder: RunFolder, complete: bool) -> list[dict]:
     reference = next((w.reference for w in spec.workloads
                       if w.kind == "ruler" and w.reference is not None), None)
     paired = None if reference is None else paired_differences(folder.records, reference)
-    folder.write("summary.md", report.markdown(spec.name, summary, verdicts, folder.tags,
+    tags = {**folder.tags, "git_commit": " + ".join(folder.commits())}
+    folder.write("summary.md", report.markdown(spec.name, summary, verdicts, tags,
                                                complete, scores, agreed, decoded, paired,
                                                reference))
     report.plot_ttft(summary, folder.path / "ttft.png", f"{spec.name}: time to first token")

@@ -91,9 +91,15 @@ class RulerWorkload(_Strict):
         "scores per task and length, with its 95 % interval"))
     question_in_decode: bool = Field(False, description=(
         "niah tasks only: the prompt ends with the haystack, and the question is forced "
-        "through decode steps by a regex (Quest's protocol), so attention over the haystack "
-        "while the answer is generated must find the needle from decode queries; recorded "
-        "as task '<task>:decode'"))
+        "through decode steps (Quest's protocol), so attention over the haystack while the "
+        "answer is generated must find the needle from decode queries; recorded as task "
+        "'<task>:decode'"))
+    forcing: Literal["tokens", "regex"] = Field("tokens", description=(
+        "with question_in_decode: 'tokens' forces the question's own tokens, one per decode "
+        "step, as Quest does (a custom logit processor; the runner starts the servers with "
+        "--enable-custom-logit-processor --disable-overlap-schedule); 'regex' constrains "
+        "the output to the question's text, which lets the model choose its tokenization "
+        "(and spell it worse when it attends less)"))
 
     @model_validator(mode="after")
     def _known_tasks(self):
@@ -215,8 +221,9 @@ class RunSpec(_Strict):
                                      f"workload runs")
 
     def digest(self) -> str:
-        """Short hash of the whole run file, tagged on every record."""
-        text = json.dumps(self.model_dump(), sort_keys=True)
+        """Short hash of what the run file measures (all of it but its description), tagged
+        on every record; a resumed run must have the same."""
+        text = json.dumps(self.model_dump(exclude={"description"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

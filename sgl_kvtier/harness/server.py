@@ -212,13 +212,17 @@ class Server:
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 16,
                  timeout: float = 1200.0, cache_salt: str | None = None,
-                 **sampling) -> Generation:
+                 logit_processor: str | None = None, **sampling) -> Generation:
         """Greedy (unless ``sampling`` says otherwise) streamed generation, timed.
-        ``cache_salt`` scopes prefix reuse to requests with the same salt (a tenant)."""
+        ``cache_salt`` scopes prefix reuse to requests with the same salt (a tenant);
+        ``logit_processor`` is SGLang's serialised custom logit processor (its parameters go
+        in ``sampling["custom_params"]``; the server needs ``--enable-custom-logit-processor``)."""
         body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                                     **sampling}, "stream": True}
         if cache_salt is not None:
             body["cache_salt"] = cache_salt
+        if logit_processor is not None:
+            body["custom_logit_processor"] = logit_processor
         body["input_ids" if isinstance(prompt, list) else "text"] = prompt
         start = time.perf_counter()
         times, last = [], None

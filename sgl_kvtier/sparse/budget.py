@@ -26,7 +26,8 @@ class SparsePlan:
 
     The prompt of ``context`` tokens splits into ``[sink | middle | local]``; the middle is
     ``chunks`` chunks of ``chunk`` tokens. Per KV head per step, ``selected_chunks`` of the
-    middle are attended besides the ``outlier_chunks`` kept dense.
+    middle are attended besides the ``outlier_chunks`` kept dense. ``rank`` is that of the
+    low-rank keys, 0 with exact keys (``keys: exact``).
     """
 
     context: int
@@ -71,6 +72,9 @@ def plan_for(config: SparseConfig, context: int, num_kv_heads: int, head_dim: in
     groups of :data:`ALIGN_CHUNKS` chunks. Raises ``ValueError`` when the context leaves
     no middle chunk to select from.
     """
+    if not config.is_resolved:
+        raise ValueError("sparse settings keys/chunk_tokens are left to the device: plan with "
+                         "SparseConfig.resolved(device)")
     c = config.chunk_tokens
     sink = min(config.sink_tokens, context)
     # The middle ends on a multiple of ALIGN_CHUNKS chunks, so prompts that share a
@@ -82,7 +86,8 @@ def plan_for(config: SparseConfig, context: int, num_kv_heads: int, head_dim: in
         raise ValueError(f"a {context}-token context has no chunk between its "
                          f"{sink} sink and {local} local tokens")
     width = num_kv_heads * head_dim
-    rank = min(width, chunks * c, max(config.rank_min, math.ceil(config.rank_fraction * width)))
+    rank = (0 if config.keys == "exact" else
+            min(width, chunks * c, max(config.rank_min, math.ceil(config.rank_fraction * width))))
     budget = min(max(config.budget_fraction * context, config.budget_min_tokens),
                  config.budget_max_tokens)
     outliers = min(chunks, max(config.outlier_min_chunks,

@@ -64,10 +64,10 @@ class _Shared:
     users: int = 0
 
     def host_bytes(self) -> int:
-        return sum(s.nbytes()["values"] for s in self.layers)
+        return sum(s.host_bytes() for s in self.layers)
 
     def device_bytes(self) -> int:
-        return sum(sum(s.nbytes().values()) - s.nbytes()["values"] for s in self.layers)
+        return sum(sum(s.nbytes().values()) - s.host_bytes() for s in self.layers)
 
 
 class SparseManager:
@@ -76,7 +76,7 @@ class SparseManager:
     Parameters
     ----------
     config : SparseConfig
-        The ``sparse`` section.
+        The ``sparse`` section; its device-dependent defaults resolve for ``device``.
     rotary : Rotary
         The model's rotation.
     num_layers, num_kv_heads, head_dim : int
@@ -98,12 +98,12 @@ class SparseManager:
                  num_kv_heads: int, head_dim: int, workspace_slots: int,
                  dtype: torch.dtype, device: torch.device | str,
                  attend: PagedAttention | None = None, ops: TorchOps | None = None):
-        self.config, self.rotary = config, rotary
+        self.device = torch.device(device)
+        self.config, self.rotary = config.resolved(self.device.type), rotary
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.workspace = SparseWorkspace(num_layers, head_dim, workspace_slots, dtype, device)
         self.attend = TorchPagedDecode() if attend is None else attend
         self.ops = TorchOps() if ops is None else ops
-        self.device = torch.device(device)
         self.requests: dict[str, SparseRequest] = {}
         self._keys: dict[str, str] = {}
         self._shared: OrderedDict[str, _Shared] = OrderedDict()

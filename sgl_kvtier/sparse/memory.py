@@ -15,12 +15,9 @@ import torch
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
 from sgl_kvtier.sparse.rope import Rotary, inv_freq
-from sgl_kvtier.sparse.state import build_layer_state
+from sgl_kvtier.sparse.state import HOST_BUFFERS, build_layer_state
 
 __all__ = ["MemoryReport", "measure_memory"]
-
-DEVICE_BUFFERS = ("sink_k", "sink_v", "u", "sv", "landmarks", "selectable", "outlier_ids",
-                  "outlier_k", "outlier_v")
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class MemoryReport:
     device : dict
         Buffer name -> device bytes (the shared state's buffers and ``workspace``).
     host : int
-        Values off the device.
+        Values (and exact keys) off the device.
     dense : int
         The dense KV of the same prompt (keys and values, every layer).
     """
@@ -55,7 +52,7 @@ class MemoryReport:
 
 def measure_memory(config: SparseConfig, context: int, layers: int, num_kv_heads: int,
                    head_dim: int, dtype: torch.dtype = torch.bfloat16,
-                   seed: int = 0) -> MemoryReport:
+                   seed: int = 0, device: str = "cuda") -> MemoryReport:
     """Build one layer's state at these shapes on CPU and count its bytes.
 
     Parameters
@@ -64,15 +61,18 @@ def measure_memory(config: SparseConfig, context: int, layers: int, num_kv_heads
         Prompt tokens.
     layers, num_kv_heads, head_dim : int
         The model's attention shape (e.g. Llama-3.1-8B: 32, 8, 128).
+    device : str
+        The server's device whose defaults ``config`` resolves to (the count is of device
+        memory at scale: a GPU's by default).
     """
+    config = config.resolved(device)
     plan = plan_for(config, context, num_kv_heads, head_dim)
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(plan.shared, num_kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(plan.shared, num_kv_heads, head_dim, generator=gen).to(dtype)
     rotary = Rotary(head_dim, inv_freq(head_dim, 500000.0))
-    state = build_layer_state(k, v, plan, rotary)
-    sizes = state.nbytes()
-    per_layer = {name: sizes[name] for name in DEVICE_BUFFERS}
+    state = build_layer_state(k, v, plan, rotary, bounds=config.selection == "bound")
+    per_layer = {name: n for name, n in state.nbytes().items() if name not in HOST_BUFFERS}
     element = torch.empty((), dtype=dtype).element_size()
     # Region: [sink | outliers | local | selected] keys and values per KV head; the
     # selection bookkeeping (held chunk ids) is int64 per selected chunk.
@@ -81,4 +81,4 @@ def measure_memory(config: SparseConfig, context: int, layers: int, num_kv_heads
     dense = 2 * context * num_kv_heads * head_dim * element
     return MemoryReport(plan=plan, layers=layers,
                         device={name: b * layers for name, b in per_layer.items()},
-                        host=sizes["values"] * layers, dense=dense * layers)
+                        host=state.host_bytes() * layers, dense=dense * layers)

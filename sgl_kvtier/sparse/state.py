@@ -11,6 +11,9 @@ layer:
   KV head (mean post-RoPE key); the outlier chunks' K/V, dense;
 - off the device (host memory): the middle's values, one contiguous row per chunk and head.
 
+With ``keys: exact`` (``plan.rank == 0``) the middle's post-RoPE keys are kept off the
+device beside the values, in the same layout, instead of the factors.
+
 The state is immutable once built, so requests with the same prompt prefix share it.
 """
 
@@ -23,7 +26,8 @@ import torch
 from sgl_kvtier.sparse.budget import SparsePlan
 from sgl_kvtier.sparse.rope import Rotary
 
-__all__ = ["LayerState", "build_layer_state", "outlier_chunks", "low_rank_keys"]
+__all__ = ["LayerState", "HOST_BUFFERS", "build_layer_state", "outlier_chunks",
+           "low_rank_keys"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class LayerState:
     sink_k, sink_v : torch.Tensor
         ``(H, S, D)`` post-RoPE keys and values of the first ``S`` tokens.
     u : torch.Tensor
-        ``(M, r)`` left factor of the middle's pre-RoPE keys, shared by the heads.
+        ``(M, r)`` left factor of the middle's pre-RoPE keys, shared by the heads
+        (``r = 0`` with exact keys).
     sv : torch.Tensor
         ``(H, r, D)`` right factor: ``k_pre[t, h] ~= u[t] @ sv[h]``.
     landmarks : torch.Tensor
@@ -53,6 +58,9 @@ class LayerState:
     bounds : torch.Tensor or None
         ``(2, H, N, D)`` per chunk, the smallest and largest post-RoPE key per dimension
         (for ``selection: bound``; None otherwise).
+    keys : torch.Tensor or None
+        ``(H, N, C, D)`` the middle's post-RoPE keys beside ``values`` (``keys: exact``;
+        None with low-rank keys).
     """
 
     sink_k: torch.Tensor
@@ -67,15 +75,20 @@ class LayerState:
     values: torch.Tensor
     start: int
     bounds: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes per buffer; ``values`` is the host side, the rest the device side."""
+        """Bytes per buffer; those named in :data:`HOST_BUFFERS` are the host side, the
+        rest the device side."""
         names = ("sink_k", "sink_v", "u", "sv", "landmarks", "selectable", "outlier_ids",
-                 "outlier_k", "outlier_v", "values")
-        out = {name: _bytes(getattr(self, name)) for name in names}
-        if self.bounds is not None:
-            out["bounds"] = _bytes(self.bounds)
-        return out
+                 "outlier_k", "outlier_v", "values", "bounds", "keys")
+        return {name: _bytes(t) for name in names if (t := getattr(self, name)) is not None}
+
+    def host_bytes(self) -> int:
+        return sum(n for name, n in self.nbytes().items() if name in HOST_BUFFERS)
+
+
+HOST_BUFFERS = ("values", "keys")
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -110,8 +123,11 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
     s, m, c = plan.sink, plan.middle, plan.chunk
     h, d = k.shape[1], k.shape[2]
     k_mid, v_mid = k[s:s + m], v[s:s + m]
-    positions = torch.arange(s, s + m, device=k.device)
-    u, sv = low_rank_keys(rotary.invert(k_mid, positions), plan.rank)
+    if plan.rank:
+        positions = torch.arange(s, s + m, device=k.device)
+        u, sv = low_rank_keys(rotary.invert(k_mid, positions), plan.rank)
+    else:  # exact keys: no factors (shapes kept, so H reads the same everywhere)
+        u, sv = k.new_zeros(m, 0, dtype=torch.float32), k.new_zeros(h, 0, d, dtype=torch.float32)
     chunks = k_mid.float().view(plan.chunks, c, h, d)
     landmarks = chunks.mean(1).transpose(0, 1)  # [H, N, D]
     ids = outlier_chunks(chunks, plan.outlier_chunks)  # [H, O]
@@ -122,16 +138,22 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
     out_k = _take_chunks(per_head, ids)
     out_v = _take_chunks(values, ids)
     dev = lambda t: t.to(device=device, dtype=k.dtype).contiguous()
-    host_values = values.to(host).contiguous()
-    if torch.device(host).type == "cpu" and torch.cuda.is_available():
-        host_values = host_values.pin_memory()
     return LayerState(
         sink_k=dev(k[:s].transpose(0, 1)), sink_v=dev(v[:s].transpose(0, 1)),
         u=dev(u), sv=dev(sv), landmarks=dev(landmarks), selectable=selectable.to(device),
         outlier_ids=ids.to(device), outlier_k=dev(out_k), outlier_v=dev(out_v),
-        values=host_values, start=s,
+        values=_to_host(values, host), start=s,
         bounds=dev(torch.stack([chunks.amin(1), chunks.amax(1)]).transpose(1, 2))
-        if bounds else None)
+        if bounds else None,
+        keys=None if plan.rank else _to_host(per_head, host))
+
+
+def _to_host(t: torch.Tensor, host: torch.device | str) -> torch.Tensor:
+    # Pinned where a GPU reads it in place (the Triton fetch) or copies it asynchronously.
+    out = t.to(host).contiguous()
+    if torch.device(host).type == "cpu" and torch.cuda.is_available():
+        out = out.pin_memory()
+    return out
 
 
 def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

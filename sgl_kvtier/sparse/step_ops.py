@@ -3,7 +3,8 @@ the chunks it did not hold last step into its workspace slots.
 
 :class:`TorchOps` runs the PyTorch references (:mod:`sgl_kvtier.sparse.select`,
 :mod:`sgl_kvtier.sparse.ops`) on any device: keys are rebuilt into a temporary, values are
-gathered where they live (host memory) and both are copied into the slots.
+gathered where they live (host memory) and both are copied into the slots. With exact keys
+(``keys: exact``) the keys are gathered like the values instead of rebuilt.
 :class:`TritonOps` runs the kernels instead (CUDA): keys are rebuilt straight into their
 slots and values are read from pinned host memory in place, so neither passes through a
 temporary. Both leave the same bytes in the workspace (keys up to rounding).
@@ -49,15 +50,20 @@ class TorchOps:
         Returns
         -------
         int
-            Bytes of values fetched from the host store.
+            Bytes fetched from the host store (values, and keys when exact).
         """
         slots = (first[:, None] + torch.arange(chunk, device=first.device)).flatten()
-        keys = rebuild_keys(state.u, state.sv, heads, chunks, chunk, state.start, rotary)
         host = state.values.device
         values = gather_values(state.values, heads.to(host), chunks.to(host))
-        k_out[slots] = keys.flatten(0, 1).to(k_out.dtype)
+        if state.keys is None:
+            keys, fetched = rebuild_keys(state.u, state.sv, heads, chunks, chunk, state.start,
+                                         rotary), 0
+        else:
+            keys = gather_values(state.keys, heads.to(host), chunks.to(host))
+            fetched = keys.numel() * keys.element_size()
+        k_out[slots] = keys.flatten(0, 1).to(k_out)
         v_out[slots] = values.flatten(0, 1).to(v_out)
-        return values.numel() * values.element_size()
+        return fetched + values.numel() * values.element_size()
 
 
 class TritonOps(TorchOps):
@@ -78,7 +84,11 @@ class TritonOps(TorchOps):
                      state: LayerState, heads: torch.Tensor, chunks: torch.Tensor,
                      chunk: int, rotary: Rotary) -> int:
         from sgl_kvtier.sparse.triton_ops import gather_values_into, rebuild_keys_into
-        rebuild_keys_into(k_out, first, state.u, state.sv, heads, chunks, chunk, state.start,
-                          rotary)
+        if state.keys is None:
+            rebuild_keys_into(k_out, first, state.u, state.sv, heads, chunks, chunk,
+                              state.start, rotary)
+        else:  # the value gather moves any (H, N, C, D) rows: the exact keys too
+            gather_values_into(k_out, first, state.keys, heads, chunks)
         gather_values_into(v_out, first, state.values, heads, chunks)
-        return chunks.numel() * chunk * state.values.shape[-1] * state.values.element_size()
+        per_chunk = chunk * state.values.shape[-1] * state.values.element_size()
+        return chunks.numel() * per_chunk * (1 if state.keys is None else 2)

@@ -78,19 +78,20 @@ def test_server_that_cannot_start(tmp_path, capsys):
     assert "INCOMPLETE" in (folder / "summary.md").read_text()
 
 
-def test_ctrl_c_stops_the_server_and_marks_the_run_incomplete(tmp_path):
-    (tmp_path / "small.yaml").write_text(SMALL.replace("RESTART", "false"))
+def interrupt_after_first_record(spec_path, runs):
+    """Start a run, Ctrl-C it once its first record is written; returns (returncode,
+    stderr, run folder)."""
     # A shell that starts a job in the background (`cmd &` without job control) has it
     # ignore SIGINT, and the runner would inherit that: give it the default disposition, as
     # a terminal does, so the Ctrl-C below lands however the tests were started.
-    proc = subprocess.Popen([sys.executable, "-m", "sgl_kvtier.eval", "run",
-                             str(tmp_path / "small.yaml"), "--out", str(tmp_path / "runs")],
+    proc = subprocess.Popen([sys.executable, "-m", "sgl_kvtier.eval", "run", str(spec_path),
+                             "--out", str(runs)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     records = None
     while time.monotonic() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs").glob("*/records.jsonl"))
+        found = list(runs.glob("*/records.jsonl"))
         if found and found[0].read_text().strip():
             records = found[0]
             break
@@ -98,13 +99,59 @@ def test_ctrl_c_stops_the_server_and_marks_the_run_incomplete(tmp_path):
     assert records is not None, proc.stderr.read() if proc.poll() is not None else "timeout"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    return proc.returncode, err, records.parent
+
+
+def test_ctrl_c_stops_the_server_and_marks_the_run_incomplete(tmp_path):
+    (tmp_path / "small.yaml").write_text(SMALL.replace("RESTART", "false"))
+    returncode, err, folder = interrupt_after_first_record(tmp_path / "small.yaml",
+                                                           tmp_path / "runs")
+    assert returncode == 130, err[-2000:]
     assert "interrupted: servers stopped" in err
-    folder = records.parent
     assert not (folder / "COMPLETE").exists()
     assert "INCOMPLETE" in (folder / "summary.md").read_text()
     ready = [e["pid"] for e in events(folder) if e["event"] == "ready"]
     assert ready and not any(alive(p) for p in ready)
+
+
+RULER_ONLY = """
+name: ruler_only
+model: smollm2
+server_defaults: [--device, cpu, --dtype, float32, --max-total-tokens, "8192", --sleep-on-idle]
+servers:
+  - {name: first, args: [--enable-kvtier], kvtier: {}}
+  - {name: second, args: [--enable-kvtier], kvtier: {}}
+workloads:
+  - {kind: ruler, tasks: [niah_single_1], lengths: [384], num_samples: 8, max_new_tokens: 8}
+"""
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
+    spec = tmp_path / "ruler_only.yaml"
+    spec.write_text(RULER_ONLY)
+    returncode, err, folder = interrupt_after_first_record(spec, tmp_path / "runs")
+    assert returncode == 130, err[-2000:]
+    before = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    before = [r for r in before if r["workload"] == "ruler"]
+    assert 1 <= len(before) < 8 and {r["server"] for r in before} == {"first"}  # it stopped
+    # A process killed mid-write leaves half a line: the resumed run drops it.
+    with open(folder / "records.jsonl", "a") as f:
+        f.write('{"workload": "ruler", "server": "fi')
+    other = tmp_path / "other.yaml"
+    other.write_text(RULER_ONLY.replace("num_samples: 8", "num_samples: 9"))
+    assert main(["run", str(other), "--resume", str(folder)]) == 1
+    assert "a resumed run must use the same file" in capsys.readouterr().err
+
+    assert main(["run", str(spec), "--resume", str(folder)]) == 0
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    scored = [(r["server"], r["index"]) for r in records if r["workload"] == "ruler"]
+    assert sorted(scored) == [(s, i) for s in ("first", "second") for i in range(8)]
+    assert scored[:len(before)] == [("first", r["index"]) for r in before]  # kept, not redone
+    resumed = [e for e in events(folder) if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["records"] == len(before)
+    assert (folder / "COMPLETE").exists() and "| niah_single_1 |" in capsys.readouterr().out
+    assert main(["run", str(spec), "--resume", str(folder)]) == 1
+    assert "already complete" in capsys.readouterr().err
 
 
 def test_dummy_weights_shape_runs_with_a_borrowed_tokenizer(tmp_path):

@@ -1,10 +1,14 @@
 """The CI-sized sparse accuracy run (``eval/configs/sparse_ruler_ci.yaml``): dense and sparse
-decode on the same niah prompts, asked as usual and with the question forced through decode
-steps, compared sample by sample. The full run is ``sparse_ruler.yaml`` (hours).
+decode (a CPU server's defaults: exact keys, chunks of 4; and ShadowKV's rank-32 keys with
+chunks of 8) on the same niah prompts, asked as usual and with the
+question forced through decode steps as its own tokens, compared sample by sample. The full
+run is ``sparse_ruler.yaml`` (hours).
 
-What it claims: both passes really ran sparse on the sparse server (its counters), and with
-the question in the prompt sparse finds what dense finds. It does not claim the forced-question
-parity (not met yet; see the test's comment)."""
+What it claims: both passes really ran sparse on both sparse servers (their counters), the
+question really arrived as its own tokens (the runner fails the run otherwise), exact keys
+really sit off the device beside the values, and on niah_single_1/2 sparse finds what dense
+finds, asked either way. Not claimed: niah_single_3 (a UUID) through decode steps, where
+sparse still loses (docs/results/sparse-forced-needle)."""
 
 import json
 from pathlib import Path
@@ -25,20 +29,28 @@ def test_sparse_finds_the_needles_dense_finds(tmp_path, capsys):
     stats = {(r["server"], r["question_in_decode"]): r["sparse"] for r in records
              if r.get("workload") == "ruler_stats"}
     assert stats[("dense", False)] is None  # sparse decode off there
-    asked, forced = stats[("sparse_6", False)], stats[("sparse_6", True)]
-    # Every 4k prompt decoded sparsely, in both passes (the comparison is not dense vs dense).
-    assert asked["requests"] == 4 and forced["requests"] == 8, (asked, forced)
-    assert forced["pool_tokens_released"] > asked["pool_tokens_released"] >= 4 * 3800
+    for server in ("sparse_6", "sparse_6_lowrank"):
+        asked, forced = stats[(server, False)], stats[(server, True)]
+        # Every 4k prompt decoded sparsely, in both passes (the comparison is not dense vs
+        # dense).
+        assert asked["requests"] == 4 and forced["requests"] == 8, (server, asked, forced)
+        assert forced["pool_tokens_released"] > asked["pool_tokens_released"] >= 4 * 3800
+    # The same prompts' states: exact keys double the host bytes (keys beside the values;
+    # not exactly: chunks of 4 end the selectable middle on a finer grid than chunks of 8).
+    exact, lowrank = stats[("sparse_6", True)], stats[("sparse_6_lowrank", True)]
+    assert exact["states"] == lowrank["states"] > 0
+    assert 1.95 < exact["host_bytes"] / lowrank["host_bytes"] < 2.05, (exact, lowrank)
     scores = {}
     for r in records:
         if r.get("workload") == "ruler":
             scores.setdefault((r["server"], r["task"].endswith(":decode")), []).append(r["score"])
-    assert len(scores[("sparse_6", True)]) == len(scores[("dense", True)]) == 4
-    # Asked in the prompt, sparse finds the needles dense finds, give or take one of the four
-    # samples (the full run's intervals say more).
-    assert sum(scores[("sparse_6", False)]) >= sum(scores[("dense", False)]) - 100, scores
-    # Asked through decode steps, the selection alone must find the needle. Not claimed yet:
-    # at this budget and the default rank sparse found 1 of the 4 that dense found 3 of
-    # (issue 11's note); the run reports both, paired, and this test checks they were scored.
-    assert all(len(scores[(s, True)]) == 4 for s in ("dense", "sparse_6"))
+    for server in ("sparse_6", "sparse_6_lowrank"):
+        assert len(scores[(server, True)]) == len(scores[("dense", True)]) == 4
+        # Asked in the prompt or through decode steps (where the selection alone must find
+        # the needle), sparse finds the needles dense finds, give or take one of the four
+        # samples. Measured: equal sample for sample on these tasks (18-sample run).
+        for in_decode in (False, True):
+            assert (sum(scores[(server, in_decode)])
+                    >= sum(scores[("dense", in_decode)]) - 100), scores
+    assert sum(scores[("dense", True)]) >= 200, scores  # dense finds some: a real check
     assert "paired sample by sample" in out and "niah_single_1:decode" in out

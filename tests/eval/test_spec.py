@@ -41,6 +41,9 @@ def test_good_file_parses_and_hash_is_stable(tmp_path):
     spec = load_spec(tmp_path / "run.yaml")
     assert spec.digest() == load_spec(tmp_path / "run.yaml").digest()
     assert spec.workloads[0].decode_tokens == 16
+    # A reworded description measures the same; a changed setting does not.
+    assert spec.model_copy(update={"description": "other words"}).digest() == spec.digest()
+    assert spec.model_copy(update={"seed": spec.seed + 1}).digest() != spec.digest()
 
 
 @pytest.mark.parametrize("change,fragment", [

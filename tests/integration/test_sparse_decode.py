@@ -1,12 +1,14 @@
 """Sparse decode in a real SGLang server over HTTP (embedded model, CPU).
 
-Two servers. ``exact`` keeps every chunk and the full key rank, so sparse decode must give
+Two servers. ``exact`` keeps every chunk and low-rank keys of full rank (``keys: lowrank``,
+ShadowKV's path, which a CPU server does not take by default), so sparse decode must give
 dense decode's answers token for token: that checks the whole path (RoPE undone and redone,
 state built from the pool, page table, merge with the decode tokens) in a mixed batch of
 dense and sparse requests, two of which share one document's state. ``tight`` has the
-default sizes and a small KV pool: a decoding sparse request's prompt must really be
-evicted while it decodes, and the request must not notice; and the room a sparse request
-gives back must admit a queued prompt at once, not when some request ends.
+default sizes (on CPU: exact keys, chunks of 4) and a small KV pool: a decoding sparse
+request's prompt must really be evicted while it decodes, and the request must not notice;
+and the room a sparse request gives back must admit a queued prompt at once, not when some
+request ends.
 """
 
 import itertools
@@ -24,7 +26,7 @@ from sgl_kvtier.harness.server import Server
 pytestmark = pytest.mark.integration
 DENSE = {"custom_params": {"kvtier_sparse": False}}
 EXACT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
-         "  budget_max_tokens: 100000\n  rank_fraction: 1.0\n")
+         "  budget_max_tokens: 100000\n  keys: lowrank\n  rank_fraction: 1.0\n")
 TIGHT = "sparse:\n  enabled: true\n  min_context_tokens: 1024\n"
 
 

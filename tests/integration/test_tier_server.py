@@ -142,7 +142,8 @@ def test_concurrent_shared_prefixes_under_eviction(servers, model_dir, clean_env
     assert state["checksum_failures"] == 0 and state["load_failures"] == 0
 
 
-# Sparse decode that keeps every chunk at full rank: its answers are dense decode's.
+# Sparse decode that keeps every chunk (exact keys, a CPU server's default): its answers
+# are dense decode's.
 EXACT_SPARSE = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
                 "  budget_max_tokens: 100000\n  rank_fraction: 1.0\n")
 

@@ -145,6 +145,22 @@ def test_documented_example_is_valid_and_states_the_defaults():
     assert load_config(example) == KVTierConfig()
 
 
+def test_sparse_keys_and_chunks_left_to_the_device_resolve_per_device():
+    from sgl_kvtier.sparse.budget import plan_for
+
+    auto = KVTierConfig().sparse
+    cpu, gpu = auto.resolved("cpu"), auto.resolved("cuda")
+    assert (cpu.keys, cpu.chunk_tokens) == ("exact", 4)
+    assert (gpu.keys, gpu.chunk_tokens) == ("lowrank", 8)
+    assert plan_for(cpu, 4096, 3, 64).rank == 0 and plan_for(gpu, 4096, 3, 64).rank == 32
+    chosen = config_from_dict({"sparse": {"keys": "lowrank", "chunk_tokens": 16}}).sparse
+    assert chosen.resolved("cpu") == chosen  # what the file says stays
+    exact = config_from_dict({"sparse": {"keys": "exact"}}).sparse.resolved("cuda")
+    assert exact.chunk_tokens == 4
+    with pytest.raises(ValueError, match="left to the device"):
+        plan_for(auto, 4096, 3, 64)
+
+
 def test_store_settings_come_from_the_tier_section_and_defaults_agree(tmp_path):
     import dataclasses
 

@@ -1,5 +1,6 @@
 """Selecting for a whole batch at once leaves what stepping each request alone leaves."""
 
+import pytest
 import torch
 
 from sgl_kvtier.config import SparseConfig
@@ -28,8 +29,9 @@ class CountingOps(TorchOps):
         return super().write_chunks(*args, **kwargs)
 
 
-def _manager(ops):
-    manager = SparseManager(CONFIG, Rotary(D, inv_freq(D, 10000.0)), L, H, D, 20000,
+def _manager(ops, keys):
+    config = CONFIG.model_copy(update={"keys": keys})
+    manager = SparseManager(config, Rotary(D, inv_freq(D, 10000.0)), L, H, D, 20000,
                             torch.float32, "cpu", ops=ops)
     gen = torch.Generator().manual_seed(7)
     for i, t in enumerate(CONTEXTS):
@@ -40,9 +42,10 @@ def _manager(ops):
     return manager
 
 
-def test_a_batched_step_equals_stepping_each_request_alone():
+@pytest.mark.parametrize("keys", ["lowrank", "exact"])
+def test_a_batched_step_equals_stepping_each_request_alone(keys):
     batched_ops, alone_ops = CountingOps(), CountingOps()
-    batched, alone = _manager(batched_ops), _manager(alone_ops)
+    batched, alone = _manager(batched_ops, keys), _manager(alone_ops, keys)
     rids = [f"r{i}" for i in range(len(CONTEXTS))]
     plans = [batched.requests[r].plan for r in rids]
     assert plans[0].selected_chunks == plans[1].selected_chunks  # one group ...
@@ -74,7 +77,8 @@ def test_a_batched_step_equals_stepping_each_request_alone():
 
 def _holds_its_selection(manager, rid, layer, q):
     """The reference, independent of how the step got there: the request holds the top
-    chunks of its own scores, each slot holding its chunk's rebuilt keys and values."""
+    chunks of its own scores, each slot holding its chunk's keys (rebuilt, or fetched when
+    exact) and values."""
     r = manager.requests[rid]
     state, plan, ws = r.layers[layer], r.plan, manager.workspace
     want = select_chunks(TorchOps().scores(q, state, D ** -0.5), plan.selected_chunks)
@@ -84,7 +88,8 @@ def _holds_its_selection(manager, rid, layer, q):
     chunks, where = held.flatten(), torch.arange(plan.selected_chunks).repeat(H)
     first = r.starts[heads] + plan.dense + where * plan.chunk
     slots = (first[:, None] + torch.arange(plan.chunk)).flatten()
-    keys = rebuild_keys(state.u, state.sv, heads, chunks, plan.chunk, state.start, r.rotary)
+    keys = (rebuild_keys(state.u, state.sv, heads, chunks, plan.chunk, state.start, r.rotary)
+            if state.keys is None else gather_values(state.keys, heads, chunks))
     assert torch.allclose(ws.k[layer, slots], keys.flatten(0, 1), atol=1e-5)
     values = gather_values(state.values, heads, chunks)
     assert torch.equal(ws.v[layer, slots], values.flatten(0, 1))

@@ -35,6 +35,7 @@ def _prompt(t, layers=2, seed=0):
 
 
 def _sparse(kv, config, ws_slots=20000):
+    config = config.resolved("cuda")  # ShadowKV's low-rank keys unless a test says exact
     plan = plan_for(config, kv[0][0].shape[0], H, D)
     states = [build_layer_state(k, v, plan, ROT) for k, v in kv]
     ws = SparseWorkspace(len(kv), D, ws_slots, dtype=torch.float32)
@@ -91,7 +92,8 @@ def test_low_rank_factors_reconstruct_at_full_rank_and_truncate_by_energy():
 
 def test_plan_is_relative_with_floors_and_caps():
     config = SparseConfig(budget_fraction=0.03, budget_min_tokens=64, budget_max_tokens=2048,
-                          rank_fraction=0.25, rank_min=16, sink_tokens=16, local_tokens=64)
+                          rank_fraction=0.25, rank_min=16, sink_tokens=16,
+                          local_tokens=64).resolved("cuda")
     small = plan_for(config, 4096, 3, 64)
     assert small.rank == 48 and small.selected == math.ceil(0.03 * 4096 / 8) * 8
     assert small.sink + small.middle + small.local == 4096 and 64 <= small.local < 64 + 128
@@ -176,6 +178,34 @@ def test_full_budget_full_rank_is_dense_attention():
         k, v = torch.cat([kv[layer][0], new_k]), torch.cat([kv[layer][1], new_v])
         want = decode_attention(q, k, v, D ** -0.5)[0]
         assert torch.allclose(got, want, atol=2e-4), (got - want).abs().max()
+
+
+def test_exact_keys_make_a_full_budget_dense_at_any_rank_setting():
+    kv = _prompt(1000)
+    config = SparseConfig(budget_fraction=1.0, budget_max_tokens=100000, rank_fraction=0.01,
+                          rank_min=2, sink_tokens=4, local_tokens=20, outlier_min_chunks=3)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, H * G, D, generator=gen)
+    new_k, new_v = torch.randn(3, H, D, generator=gen), torch.randn(3, H, D, generator=gen)
+    want = decode_attention(q, torch.cat([kv[0][0], new_k]), torch.cat([kv[0][1], new_v]),
+                            D ** -0.5)[0]
+    errors = {}
+    for keys in ("lowrank", "exact"):
+        plan, request = _sparse(kv, config.model_copy(update={"keys": keys}))
+        out, lse = SparseStep([request]).run(0, q, D ** -0.5)
+        got = merge_tail(q[0], (out[0], lse[0]), new_k, new_v, D ** -0.5)
+        errors[keys] = (got - want).abs().max().item()
+        state = request.layers[0]
+        if keys == "exact":
+            # No factors on the device; the exact keys beside the values, same bytes.
+            assert plan.rank == 0 and state.u.numel() == state.sv.numel() == 0
+            middle = kv[0][0][plan.sink:plan.shared].view(plan.chunks, plan.chunk, H, D)
+            assert torch.equal(state.keys, middle.permute(2, 0, 1, 3))
+            assert state.host_bytes() == 2 * state.nbytes()["values"]
+            fetched = plan.selected_chunks * H * plan.chunk * D * 4  # every chunk a miss
+            assert request.stats.gathered_bytes == 2 * fetched  # keys and values
+    # Rank 2 of 192 is far from the keys; exact keys do not depend on it.
+    assert errors["lowrank"] > 1e-2 and errors["exact"] < 2e-4, errors
 
 
 def test_small_budget_finds_a_planted_needle_and_reuses_held_chunks():

@@ -286,13 +286,15 @@ def _prompt(t, h, d, rotary, gen):
     return rotary.apply(k_pre, torch.arange(t)), torch.randn(t, h, d, generator=gen)
 
 
-def test_sparse_step_with_all_four_kernels():
+@pytest.mark.parametrize("keys", ["lowrank", "exact"])
+def test_sparse_step_with_all_four_kernels(keys):
     h, g, d, layers = 3, 3, 64, 2
     rotary = Rotary(d, inv_freq(d, 100000.0))
     gen = _gen(3)
     kv = [_prompt(700, h, d, rotary, gen) for _ in range(layers)]
     config = SparseConfig(budget_fraction=0.05, budget_min_tokens=16, rank_fraction=0.25,
-                          rank_min=16, sink_tokens=4, local_tokens=16, outlier_min_chunks=2)
+                          rank_min=16, sink_tokens=4, local_tokens=16, outlier_min_chunks=2,
+                          keys=keys).resolved("cuda")  # chunks of 8 lowrank, 4 exact
     plan = plan_for(config, 700, h, d)
     states = [build_layer_state(k, v, plan, rotary, device=DEV) for k, v in kv]
     local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]

@@ -23,3 +23,15 @@ def test_float32_doubles_the_bytes():
     half = measure_memory(config, 4096, 1, 2, 32, torch.bfloat16)
     full = measure_memory(config, 4096, 1, 2, 32, torch.float32)
     assert full.device["u"] == 2 * half.device["u"] and full.dense == 2 * half.dense
+
+
+def test_exact_keys_move_the_keys_to_the_host_and_bounds_are_counted():
+    lowrank = measure_memory(SparseConfig(), 8192, 2, 2, 32)
+    exact = measure_memory(SparseConfig(keys="exact", chunk_tokens=8), 8192, 2, 2, 32)
+    bound = measure_memory(SparseConfig(selection="bound"), 8192, 2, 2, 32)
+    assert exact.device["u"] == exact.device["sv"] == 0 and lowrank.device["u"] > 0
+    assert exact.host == 2 * lowrank.host  # keys beside the values
+    assert exact.device_total == lowrank.device_total - lowrank.device["u"] - lowrank.device["sv"]
+    # The bound selection's per-chunk min and max: twice the landmarks, on the device.
+    assert bound.device["bounds"] == 2 * bound.device["landmarks"]
+    assert bound.device_total == lowrank.device_total + bound.device["bounds"]

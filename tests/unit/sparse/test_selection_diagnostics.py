@@ -25,7 +25,8 @@ def _script(name):
 recall = _script("sparse_selection_recall")
 decode = _script("sparse_selection_decode")
 H, G, D, T = 2, 3, 16, 600
-PLAN = plan_for(SparseConfig(enabled=True, budget_fraction=0.06, budget_min_tokens=32), T, H, D)
+PLAN = plan_for(SparseConfig(enabled=True, budget_fraction=0.06, budget_min_tokens=32,
+                             keys="lowrank", chunk_tokens=8), T, H, D)
 
 
 def _data(seed=0):
