@@ -92,6 +92,8 @@ class SparseMetrics(_Metrics):
                               "Sparse requests that reused another's prompt state"),
         "refused_workspace_full": ("kvtier_sparse_refused_total",
                                    "Long requests left dense: the sparse workspace was full"),
+        "refused_host_memory": ("kvtier_sparse_refused_host_memory_total",
+                                "Long requests left dense: sparse.host_memory was full"),
         "decode_steps": ("kvtier_sparse_decode_steps_total", "Batches with sparse rows"),
         "selection_seconds": ("kvtier_sparse_selection_seconds_total",
                               "Time spent scoring and choosing chunks"),
@@ -101,6 +103,8 @@ class SparseMetrics(_Metrics):
     GAUGES = {
         "active": ("kvtier_sparse_active_requests", "Requests decoding sparsely now"),
         "host_bytes": ("kvtier_sparse_host_bytes", "Bytes of sparse state in host memory"),
+        "host_memory": ("kvtier_sparse_host_memory_limit_bytes",
+                        "sparse.host_memory: the host bytes prompt states may take"),
         "device_bytes": ("kvtier_sparse_device_bytes",
                          "Bytes of sparse state and workspace on the device"),
         "gathered_bytes_per_step": ("kvtier_sparse_gathered_bytes_per_step",

@@ -137,6 +137,10 @@ class SparseConfig(_Section):
     workspace: Size = Field(parse_size("1GiB"), gt=0, description=(
         "device bytes for the selected keys and values of all sparse requests; a request "
         "that finds it full decodes densely"))
+    host_memory: Size | None = Field(None, gt=0, description=(
+        "host bytes for the prompt states of all sparse requests (their values, and their "
+        "keys with exact keys); a request whose new state would not fit decodes densely. "
+        "Default: half of the machine's memory"))
     kernel: Literal["auto", "torch", "triton", "flashinfer"] = Field("auto", description=(
         "auto: FlashInfer + Triton where a GPU has them, PyTorch elsewhere"))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ class SparseCounters:
     shared_hits: int = 0
     pool_tokens_released: int = 0
     refused_workspace_full: int = 0
+    refused_host_memory: int = 0
     steps: int = 0
     build_seconds: float = 0.0
     finished: StepStats = field(default_factory=StepStats)
@@ -102,6 +104,9 @@ class SparseManager:
         self.config, self.rotary = config.resolved(self.device.type), rotary
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.workspace = SparseWorkspace(num_layers, head_dim, workspace_slots, dtype, device)
+        self.dtype = dtype
+        self.host_memory = (self.config.host_memory if self.config.host_memory is not None
+                            else physical_memory() // 2)
         self.attend = TorchPagedDecode() if attend is None else attend
         self.ops = TorchOps() if ops is None else ops
         self.requests: dict[str, SparseRequest] = {}
@@ -124,13 +129,16 @@ class SparseManager:
         tier's namespaces): only requests of one scope share a prompt state, so a shared
         (faster) conversion never tells one tenant what another sent.
 
-        Returns False (the request stays dense) when the workspace has no room for it.
+        Returns False (the request stays dense) when the workspace has no room for it, or
+        host memory (``sparse.host_memory``) none for a new prompt state.
         """
         start = time.perf_counter()
         plan = self.plan(len(tokens))
         key = _key(tokens[:plan.shared], plan, scope)
-        kv = [read_layer(layer) for layer in range(self.shape[0])]
         shared = self._shared.get(key)
+        if shared is None and not self._host_room(rid, plan):
+            return False
+        kv = [read_layer(layer) for layer in range(self.shape[0])]
         if shared is None:
             bounds = self.config.selection == "bound"
             shared = _Shared([build_layer_state(k, v, plan, self.rotary, self.device,
@@ -194,6 +202,7 @@ class SparseManager:
         return {"requests": c.requests, "active": c.active, "shared_state_hits": c.shared_hits,
                 "pool_tokens_released": c.pool_tokens_released,
                 "refused_workspace_full": c.refused_workspace_full,
+                "refused_host_memory": c.refused_host_memory, "host_memory": self.host_memory,
                 "states": len(self._shared), "host_bytes": self.host_bytes(),
                 "device_bytes": self.device_bytes(),
                 "workspace_used_slots": self.workspace.used_slots,
@@ -204,10 +213,44 @@ class SparseManager:
                 "hit_rate": round(total.hit_rate, 4), "gathered_bytes": total.gathered_bytes,
                 "gathered_bytes_per_step": total.gathered_bytes // max(c.steps, 1)}
 
+    def state_host_bytes(self, plan: SparsePlan) -> int:
+        """Host bytes of a new prompt state under ``plan``: the middle's values, and its
+        keys too with exact keys (``plan.rank == 0``)."""
+        layers, heads, head_dim = self.shape
+        per_token = heads * head_dim * self.dtype.itemsize * (1 if plan.rank else 2)
+        return layers * plan.middle * per_token
+
+    def _host_room(self, rid: str, plan: SparsePlan) -> bool:
+        """Whether a new state fits ``host_memory``, after dropping the released states
+        kept for reuse (oldest first); counts and reports a refusal."""
+        need = self.state_host_bytes(plan)
+        idle = [k for k, s in self._shared.items() if s.users == 0]
+        in_use = self.host_bytes() - sum(self._shared[k].host_bytes() for k in idle)
+        if in_use + need <= self.host_memory:
+            for key in idle:
+                if self.host_bytes() + need <= self.host_memory:
+                    break
+                del self._shared[key]
+            return True
+        self.counters.refused_host_memory += 1
+        # Under a burst of long prompts every one would be refused: say it once, count all.
+        level = logging.WARNING if self.counters.refused_host_memory == 1 else logging.DEBUG
+        log.log(level, "sgl_kvtier: sparse decode: request %s stays dense: its prompt state "
+                "needs %.1f MiB of host memory and %.1f of sparse.host_memory's %.1f MiB are "
+                "held by running requests (further refusals are counted in "
+                "refused_host_memory)", rid, need / 2**20, in_use / 2**20,
+                self.host_memory / 2**20)
+        return False
+
     def _trim(self) -> None:
         idle = [k for k, s in self._shared.items() if s.users == 0]
         for key in idle[:max(0, len(idle) - _KEEP_RELEASED)]:
             del self._shared[key]
+
+
+def physical_memory() -> int:
+    """Bytes of memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _key(tokens: Sequence[int], plan: SparsePlan, scope: str) -> str:

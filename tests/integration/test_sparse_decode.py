@@ -25,8 +25,11 @@ from sgl_kvtier.harness.server import Server
 
 pytestmark = pytest.mark.integration
 DENSE = {"custom_params": {"kvtier_sparse": False}}
+# host_memory: room for one 1,800-token document's state (38.3 MB: 30 layers x 1,664 middle
+# tokens x 3 heads x 64 x 4 bytes), not two.
 EXACT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
-         "  budget_max_tokens: 100000\n  keys: lowrank\n  rank_fraction: 1.0\n")
+         "  budget_max_tokens: 100000\n  keys: lowrank\n  rank_fraction: 1.0\n"
+         "  host_memory: 55MiB\n")
 TIGHT = "sparse:\n  enabled: true\n  min_context_tokens: 1024\n"
 
 
@@ -115,6 +118,34 @@ def test_a_document_shares_its_state_only_within_a_tenant(exact, tok):
     assert after["requests"] - before["requests"] == 2  # both decoded sparsely
     assert after["shared_state_hits"] == before["shared_state_hits"]  # each built its own
     assert got.output_ids == dense.output_ids
+
+
+def test_a_state_beyond_host_memory_leaves_its_request_dense(exact, tok):
+    first, second = (token_prompt(tok, 1800, offset=o) for o in (71_000, 81_000))
+    dense = [exact.generate(p, 24, **DENSE) for p in (first, second)]
+    before = _sparse(exact)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        g=exact.generate(first, 400, ignore_eos=True)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while _sparse(exact)["active"] == 0:
+        assert time.monotonic() < deadline and thread.is_alive(), "never went sparse"
+        time.sleep(0.2)
+    held = _sparse(exact)["host_bytes"]
+    assert held < before["host_memory"] < 2 * held  # room for one such state, not two
+    got = exact.generate(second, 24)
+    still_running = thread.is_alive()
+    thread.join()
+    assert still_running, "the first request ended before the second came: nothing was full"
+    after = _sparse(exact)
+    assert after["refused_host_memory"] - before["refused_host_memory"] == 1
+    assert after["requests"] - before["requests"] == 1  # only the first went sparse
+    assert got.output_ids == dense[1].output_ids  # the refused one decoded densely
+    assert result["g"].output_ids[:24] == dense[0].output_ids
+    assert exact.log_path.read_text().count("stays dense: its prompt state needs") == 1
+    metrics = _metrics(exact)
+    assert metrics["kvtier_sparse_refused_host_memory_total"] == after["refused_host_memory"]
 
 
 def _metrics(server) -> dict[str, float]:

@@ -95,6 +95,10 @@ def test_sparse_sizes_are_checked_and_named():
     with pytest.raises(ConfigError, match="budget_max_tokens .* is below budget_min_tokens"):
         config_from_dict({"sparse": {"budget_min_tokens": 512, "budget_max_tokens": 256}})
     assert config_from_dict({"sparse": {"workspace": "64MiB"}}).sparse.workspace == 64 * 2**20
+    assert config_from_dict({"sparse": {"host_memory": "4GiB"}}).sparse.host_memory == 4 * 2**30
+    assert config_from_dict({"sparse": {}}).sparse.host_memory is None  # half the machine
+    with pytest.raises(ConfigError, match="sparse.host_memory"):
+        config_from_dict({"sparse": {"host_memory": 0}})
 
 
 def test_bidirectional_prefill_needs_the_tier_and_background_loads():

@@ -68,6 +68,39 @@ def test_a_full_workspace_leaves_the_request_dense():
     assert manager.report()["refused_workspace_full"] == 1 and "a" not in manager.requests
 
 
+def test_host_memory_caps_new_states_and_drops_released_ones_first(caplog):
+    probe = _manager()
+    one = probe.state_host_bytes(probe.plan(602))
+    assert one > 0
+    manager = SparseManager(CONFIG.model_copy(update={"host_memory": 2 * one + one // 2}),
+                            Rotary(D, inv_freq(D, 10000.0)), L, H, D, 8000, torch.float32,
+                            "cpu")
+    docs = {rid: [seed] * 8 + list(range(1000, 1594)) for seed, rid in enumerate("abcde")}
+    assert manager.convert("a", docs["a"], _reader(docs["a"], 0))
+    assert manager.host_bytes() == one  # the estimate is the state's real size
+    assert manager.convert("b", docs["b"], _reader(docs["b"], 1))
+    with caplog.at_level("DEBUG", logger="sgl_kvtier"):
+        assert not manager.convert("c", docs["c"], _reader(docs["c"], 2))
+        assert not manager.convert("d", docs["d"], _reader(docs["d"], 3))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "sparse.host_memory" in warnings[0].getMessage()
+    report = manager.report()
+    assert report["refused_host_memory"] == 2 and set(manager.requests) == {"a", "b"}
+    # A request joining a held state needs no new host bytes.
+    assert manager.convert("a2", docs["a"] + [5], _reader(docs["a"] + [5], 4))
+    # A finished request's state stays for reuse, and goes when a new one needs its room.
+    manager.finish("a")
+    manager.finish("a2")
+    assert manager.report()["states"] == 2 and manager.host_bytes() == 2 * one
+    assert manager.convert("e", docs["e"], _reader(docs["e"], 5))
+    assert manager.report()["states"] == 2 and manager.host_bytes() == 2 * one
+
+
+def test_host_memory_defaults_to_half_the_machine():
+    from sgl_kvtier.sparse.manager import physical_memory
+    assert _manager().report()["host_memory"] == physical_memory() // 2 > 0
+
+
 def test_dense_layers_attend_the_whole_prompt_exactly_and_the_rest_select():
     manager = SparseManager(CONFIG.model_copy(update={"dense_layers": 1}),
                             Rotary(D, inv_freq(D, 10000.0)), L, H, D, 4000, torch.float32,
