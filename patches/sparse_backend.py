@@ -80,7 +80,7 @@ class SparseDecode:
         read = lambda layer: (pool.get_key_buffer(layer)[slots],
                               pool.get_value_buffer(layer)[slots])
         start = time.perf_counter()
-        if link.manager.convert(rid, offer.tokens, read, offer.scope):
+        if link.manager.convert(rid, offer.tokens, read, offer.scope, offer.budget):
             link.mark_converted(rid, offer.boundary)
             plan = link.manager.requests[rid].plan
             keys = f"rank-{plan.rank} keys" if plan.rank else "exact keys"

@@ -28,6 +28,7 @@ class Eligible:
     tokens: tuple[int, ...]  # the prompt the state covers
     boundary: int
     scope: str = ""  # the tenant (extra key, cache salt): states are shared within one
+    budget: float | None = None  # the request's budget fraction; None: the server's
 
 
 class SparseBridge:
@@ -40,10 +41,11 @@ class SparseBridge:
         self.converted: dict[str, int] = {}  # rid -> boundary
         self.released: set[str] = set()
 
-    def offer(self, rid: str, tokens: tuple[int, ...], boundary: int, scope: str = "") -> None:
+    def offer(self, rid: str, tokens: tuple[int, ...], boundary: int, scope: str = "",
+              budget: float | None = None) -> None:
         with self._lock:
             if rid not in self.converted:
-                self.eligible[rid] = Eligible(tokens, boundary, scope)
+                self.eligible[rid] = Eligible(tokens, boundary, scope, budget)
 
     def take(self, rid: str) -> Eligible | None:
         with self._lock:

@@ -32,7 +32,7 @@ from sglang.srt.plugins.hook_registry import HookType
 from sgl_kvtier.patches.sparse_bridge import bridge
 from sgl_kvtier.tier.service import namespace_of
 
-__all__ = ["SparseRelease", "wants_sparse", "HOOKS"]
+__all__ = ["SparseRelease", "wants_sparse", "budget_of", "HOOKS"]
 
 log = logging.getLogger("sgl_kvtier")
 
@@ -42,6 +42,30 @@ def wants_sparse(req) -> bool:
     decodes densely whatever its length: comparisons on one server)."""
     params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
     return not (isinstance(params, dict) and params.get("kvtier_sparse") is False)
+
+
+_warned_budget = False
+
+
+def budget_of(req) -> float | None:
+    """``sampling_params.custom_params.kvtier_sparse_budget``: this request's share of the
+    context selected per step, in place of ``sparse.budget_fraction`` (the floor and cap
+    still apply). Evaluations send one prompt at several budgets to one server, which
+    prefills it once and builds its state once. ``None``: the server's setting; a value
+    outside (0, 1] is ignored, with a warning the first time."""
+    global _warned_budget
+    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    value = params.get("kvtier_sparse_budget") if isinstance(params, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    if not _warned_budget:
+        _warned_budget = True
+        log.warning("sgl_kvtier: sparse decode: request %s: custom_params.kvtier_sparse_budget "
+                    "must be a number in (0, 1], got %r; the server's sparse.budget_fraction "
+                    "applies (said once)", req.rid, value)
+    return None
 
 
 class SparseRelease:
@@ -75,7 +99,8 @@ class SparseRelease:
             tokens = tuple(req.full_untruncated_fill_ids[:boundary])
             self._sparse_reqs[req.rid] = req
             link.offer(req.rid, tokens, boundary,
-                       namespace_of(req.extra_key, getattr(req, "cache_salt", None)))
+                       namespace_of(req.extra_key, getattr(req, "cache_salt", None)),
+                       budget_of(req))
 
     def flush_pending_backups(self) -> None:
         super().flush_pending_backups()

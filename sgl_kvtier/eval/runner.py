@@ -90,8 +90,10 @@ def _settle_tier(server: Server, timeout: float = 600.0) -> None:
     raise ServerError(f"the NVMe tier still had writes queued after {timeout:.0f} s")
 
 
-def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokenizer,
-                folder: RunFolder, bar: tqdm, done: set) -> None:
+def _run_server(spec: RunSpec, group: list[ServerSpec], model_dir: Path, tokenizer,
+                folder: RunFolder, bar: tqdm, scored: dict[str, set]) -> None:
+    """Start ``group[0]``'s server and measure every entry of ``group`` on it."""
+    server_spec = group[0]
     args = _server_args(spec, server_spec, model_dir, folder)
     starts = itertools.count(1)
 
@@ -121,22 +123,29 @@ def _run_server(spec: RunSpec, server_spec: ServerSpec, model_dir: Path, tokeniz
     try:
         for work in spec.workloads:
             bar.set_postfix_str(f"{server_spec.name}: {work.kind}")
-            if work.kind == "latency":
-                bodies = latency.run_latency(current[0], restart, tokenizer, work)
-            elif work.kind == "ruler":
-                bodies = accuracy.run_ruler(current[0], tokenizer, work, spec.seed, done)
-            elif work.kind == "decode_agreement":
-                bodies = decode_agreement.run_decode_agreement(
-                    current[0], server_spec.name, tokenizer, work, folder.path / "raw",
-                    folder.records)
+            if work.kind == "ruler":
+                variants = [accuracy.Variant(s.name, s.request_params, scored.get(s.name, set()))
+                            for s in group]
+                measured = accuracy.run_ruler(current[0], tokenizer, work, spec.seed, variants)
             else:
-                bodies = agreement.run_agreement(current[0], server_spec.name, tokenizer, work,
-                                                 folder.path / "raw")
-            for body in bodies:
-                folder.add(server=server_spec.name, **body)
+                measured = ((server_spec.name, body) for body in
+                            _measure(work, current[0], restart, server_spec.name, tokenizer,
+                                     folder))
+            for name, body in measured:
+                folder.add(server=name, **body)
                 bar.update()
     finally:
         stop()
+
+
+def _measure(work, server: Server, restart, name: str, tokenizer, folder: RunFolder):
+    """The record bodies of one non-RULER workload on one server."""
+    if work.kind == "latency":
+        return latency.run_latency(server, restart, tokenizer, work)
+    if work.kind == "decode_agreement":
+        return decode_agreement.run_decode_agreement(server, name, tokenizer, work,
+                                                     folder.path / "raw", folder.records)
+    return agreement.run_agreement(server, name, tokenizer, work, folder.path / "raw")
 
 
 def run(spec: RunSpec, spec_text: str, out_root: Path,
@@ -152,18 +161,21 @@ def run(spec: RunSpec, spec_text: str, out_root: Path,
               else RunFolder.resume(resume, spec.name, spec.digest()))
     workloads = {"latency": latency, "ruler": accuracy, "agreement": agreement,
                  "decode_agreement": decode_agreement}
-    total = len(spec.servers) * sum(workloads[w.kind].steps(w) for w in spec.workloads)
+    # Each server's counters are one step per workload, each entry's samples the rest.
+    hosted = sum(s.host is not None for s in spec.servers)
+    total = (len(spec.servers) * sum(workloads[w.kind].steps(w) for w in spec.workloads)
+             - hosted * len(spec.workloads))
     scored = _scored(folder.records)
     complete = False
     try:
         with tqdm(total=total, desc=spec.name, unit="meas", file=sys.stderr) as bar:
-            for server_spec in _server_order(spec):
-                done = scored.get(server_spec.name, set())
-                bar.update(len(done))
-                if resume is not None and _nothing_left(spec, done):
+            for group in _server_order(spec):
+                bar.update(sum(len(scored.get(s.name, ())) for s in group))
+                if resume is not None and all(_nothing_left(spec, scored.get(s.name, set()))
+                                              for s in group):
                     bar.update(len(spec.workloads))  # its counters, recorded before
                     continue
-                _run_server(spec, server_spec, model_dir, tokenizer, folder, bar, done)
+                _run_server(spec, group, model_dir, tokenizer, folder, bar, scored)
         for work in spec.workloads:
             if work.kind in ("agreement", "decode_agreement"):
                 for body in workloads[work.kind].compare(folder.records, folder.path, work):
@@ -188,12 +200,14 @@ def _nothing_left(spec: RunSpec, done: set) -> bool:
     return all(accuracy.sample_keys(w) <= done for w in spec.workloads)
 
 
-def _server_order(spec: RunSpec) -> list[ServerSpec]:
-    """The run file's order, except that a decode_agreement reference goes last: it is
-    teacher-forced on what the other servers generated."""
+def _server_order(spec: RunSpec) -> list[list[ServerSpec]]:
+    """The servers to start (each with the entries measured on it, see
+    :meth:`RunSpec.groups`) in the run file's order, except that a decode_agreement
+    reference goes last: it is teacher-forced on what the other servers generated."""
     refs = {w.reference for w in spec.workloads if w.kind == "decode_agreement"}
-    return ([s for s in spec.servers if s.name not in refs]
-            + [s for s in spec.servers if s.name in refs])
+    groups = spec.groups()
+    return ([g for g in groups if g[0].name not in refs]
+            + [g for g in groups if g[0].name in refs])
 
 
 def _report(spec: RunSpec, folder: RunFolder, complete: bool) -> list[dict]:

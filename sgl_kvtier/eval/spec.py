@@ -40,14 +40,25 @@ class _Strict(BaseModel):
 
 
 class ServerSpec(_Strict):
-    """One SGLang server configuration; ``args`` go to ``launch_server`` verbatim."""
+    """One configuration measured: a SGLang server (``args`` go to ``launch_server``
+    verbatim), or, with ``host``, requests with their own ``request_params`` on another
+    entry's server (RULER only: each prompt is prefilled once for every entry on that
+    server, and each is then asked with its own parameters)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     args: list[str] = []
     kvtier: dict | None = Field(None, description="inline kvtier config (needs --enable-kvtier)")
+    host: str | None = Field(None, description=(
+        "measure on the named entry's server instead of starting one (no args, no kvtier)"))
+    request_params: dict = Field({}, description=(
+        "custom_params of every request, e.g. {kvtier_sparse_budget: 0.03} or "
+        "{kvtier_sparse: false}"))
 
     @model_validator(mode="after")
     def _kvtier_valid(self):
+        if self.host is not None and (self.args or self.kvtier is not None):
+            raise ValueError(f"server {self.name} runs on {self.host}'s server: it takes no "
+                             f"args or kvtier of its own")
         taken = {"--port", "--host", "--model-path", "--kvtier-config"} & set(self.args)
         if taken:
             raise ValueError(f"{sorted(taken)[0]} is set by the runner; remove it from args")
@@ -195,8 +206,29 @@ class RunSpec(_Strict):
         for what, ref in refs:
             if ref not in names:
                 raise ValueError(f"{what} names server {ref!r}; servers are {names}")
+        self._hosts_valid(names)
         self._gates_have_workloads()
         return self
+
+    def _hosts_valid(self, names: list[str]) -> None:
+        hosts = {s.name: s.host for s in self.servers}
+        for server in self.servers:
+            if server.host is None:
+                continue
+            if server.host not in names:
+                raise ValueError(f"server {server.name} names host {server.host!r}; servers "
+                                 f"are {names}")
+            if hosts[server.host] is not None:
+                raise ValueError(f"server {server.name}'s host {server.host!r} runs on "
+                                 f"another server itself")
+            if other := [w.kind for w in self.workloads if w.kind != "ruler"]:
+                raise ValueError(f"server {server.name} runs on {server.host}'s server, which "
+                                 f"only RULER workloads do; this run file has {other[0]}")
+
+    def groups(self) -> list[list[ServerSpec]]:
+        """The servers to start, each with the entries measured on it (itself first)."""
+        return [[s, *(o for o in self.servers if o.host == s.name)]
+                for s in self.servers if s.host is None]
 
     def _gates_have_workloads(self) -> None:
         kinds = [w.kind for w in self.workloads]

@@ -118,22 +118,27 @@ class SparseManager:
         """Whether a request with ``context`` tokens before its current one goes sparse."""
         return context >= self.config.min_context_tokens
 
-    def plan(self, context: int) -> SparsePlan:
-        return plan_for(self.config, context, self.shape[1], self.shape[2])
+    def plan(self, context: int, budget: float | None = None) -> SparsePlan:
+        """Sizes for a ``context``-token prompt; ``budget`` replaces ``budget_fraction``."""
+        config = self.config if budget is None else self.config.model_copy(
+            update={"budget_fraction": budget})
+        return plan_for(config, context, self.shape[1], self.shape[2])
 
     def convert(self, rid: str, tokens: Sequence[int], read_layer: ReadLayer,
-                scope: str = "") -> bool:
+                scope: str = "", budget: float | None = None) -> bool:
         """Make request ``rid`` sparse over its ``len(tokens)`` tokens so far.
 
         ``scope`` is the request's tenant (its LoRA / extra key and cache salt, as the NVMe
         tier's namespaces): only requests of one scope share a prompt state, so a shared
-        (faster) conversion never tells one tenant what another sent.
+        (faster) conversion never tells one tenant what another sent. ``budget`` is the
+        request's own ``budget_fraction`` (None: the server's): it sizes the selection only,
+        so requests at different budgets share one prompt state.
 
         Returns False (the request stays dense) when the workspace has no room for it, or
         host memory (``sparse.host_memory``) none for a new prompt state.
         """
         start = time.perf_counter()
-        plan = self.plan(len(tokens))
+        plan = self.plan(len(tokens), budget)
         key = _key(tokens[:plan.shared], plan, scope)
         shared = self._shared.get(key)
         if shared is None and not self._host_room(rid, plan):

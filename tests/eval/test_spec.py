@@ -93,3 +93,39 @@ def test_missing_model_is_one_line_and_starts_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: model '{tmp_path}/nowhere': not an")
     assert not (tmp_path / "runs").exists()
+
+
+HOSTED = """
+name: h
+servers:
+  - {name: sparse, args: [--enable-kvtier], kvtier: {sparse: {enabled: true}}}
+  - {name: dense, host: sparse, request_params: {kvtier_sparse: false}}
+  - {name: narrow, host: sparse, request_params: {kvtier_sparse_budget: 0.03}}
+  - {name: alone, args: [--attention-backend, torch_native]}
+workloads:
+  - {kind: ruler, reference: dense, tasks: [niah_single_1], lengths: [512]}
+"""
+
+
+def test_entries_on_another_entrys_server_group_with_it(tmp_path):
+    (tmp_path / "run.yaml").write_text(HOSTED)
+    spec = load_spec(tmp_path / "run.yaml")
+    assert [[s.name for s in g] for g in spec.groups()] == [["sparse", "dense", "narrow"],
+                                                           ["alone"]]
+    assert spec.groups()[0][2].request_params == {"kvtier_sparse_budget": 0.03}
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (("host: sparse, request_params: {kvtier_sparse: false}", "host: nowhere"),
+     "server dense names host 'nowhere'"),
+    (("{name: narrow, host: sparse,", "{name: narrow, host: dense,"),
+     "server narrow's host 'dense' runs on another server itself"),
+    (("{name: dense, host: sparse,", "{name: dense, host: sparse, args: [--x],"),
+     "server dense runs on sparse's server: it takes no args or kvtier"),
+    (("lengths: [512]}", "lengths: [512]}\n  - {kind: latency, lengths: [64]}"),
+     "only RULER workloads do; this run file has latency"),
+    (("request_params: {kvtier_sparse: false}", "request_params: [1]"),
+     "servers.1.request_params"),
+])
+def test_hosted_entry_mistakes_name_the_key(tmp_path, change, fragment):
+    assert fragment in error_for(tmp_path, HOSTED.replace(*change))

@@ -20,8 +20,10 @@ import pytest
 import requests
 from serverlib import SERVER_BASE
 
+from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
 from sgl_kvtier.harness.server import Server
+from sgl_kvtier.sparse.budget import plan_for
 
 pytestmark = pytest.mark.integration
 DENSE = {"custom_params": {"kvtier_sparse": False}}
@@ -212,3 +214,27 @@ def test_released_room_admits_a_queued_prompt_while_others_decode(tight, tok):
     released = tight_released(tight)
     assert _decoding_together(tight, three(200_000), 48, {}) == 3
     assert tight_released(tight) - released >= 3 * 2000
+
+
+def test_a_request_chooses_its_budget_and_shares_the_state(tight, tok):
+    """custom_params.kvtier_sparse_budget sizes one request's selection (how an evaluation
+    asks one prompt at several budgets, prefilled and built once); a bad value falls back to
+    the server's budget_fraction, with one warning."""
+    prompt = token_prompt(tok, 2048, offset=301_000)
+    config = SparseConfig(enabled=True, min_context_tokens=1024).resolved("cpu")
+    chunks = {b: plan_for(config.model_copy(update={"budget_fraction": b}), len(prompt), 3,
+                          64).selected_chunks for b in (config.budget_fraction, 0.5)}
+    assert chunks[0.5] > 2 * chunks[config.budget_fraction]  # the floor does not hide it
+    seen, outputs = [_sparse(tight)], []
+    for params in ({}, {"kvtier_sparse_budget": 0.5}, {"kvtier_sparse_budget": 7},
+                   {"kvtier_sparse_budget": "wide"}):
+        outputs.append(tight.generate(prompt, 8, ignore_eos=True, custom_params=params))
+        seen.append(_sparse(tight))
+    selected = [b["selected_chunks"] - a["selected_chunks"] for a, b in zip(seen, seen[1:])]
+    # The same steps, layers and heads each time: the totals scale with the per-step choice.
+    assert selected[0] * chunks[0.5] == selected[1] * chunks[config.budget_fraction] > 0
+    assert selected[2] == selected[3] == selected[0]  # ignored: the server's budget
+    assert seen[-1]["requests"] - seen[0]["requests"] == 4
+    assert seen[-1]["shared_state_hits"] - seen[0]["shared_state_hits"] == 3  # built once
+    assert outputs[2].output_ids == outputs[0].output_ids
+    assert tight.log_path.read_text().count("kvtier_sparse_budget must be a number") == 1

@@ -61,6 +61,22 @@ def test_tenants_never_share_a_prompt_state():
     assert manager.requests["b"].layers is not manager.requests["a"].layers
 
 
+def test_a_request_budget_sizes_its_selection_and_shares_the_state():
+    """``budget`` (custom_params.kvtier_sparse_budget) replaces budget_fraction for one
+    request: its selection grows or shrinks, its state is the other budgets' state."""
+    manager = _manager(slots=8000)
+    doc = list(range(1000, 3000))
+    for rid, budget in (("server", None), ("wide", 0.06), ("narrow", 0.03)):
+        assert manager.convert(rid, doc, _reader(doc, 0), budget=budget)
+    plans = {rid: r.plan for rid, r in manager.requests.items()}
+    # Chunks of 4 on CPU: server 0.06 -> 120 tokens, 0.03 -> 60 (the floor is 32).
+    assert [plans[r].selected_chunks for r in ("server", "wide", "narrow")] == [30, 30, 15]
+    assert plans["narrow"].outlier_chunks == plans["server"].outlier_chunks
+    assert manager.report()["states"] == 1 and manager.report()["shared_state_hits"] == 2
+    assert manager.requests["narrow"].layers is manager.requests["server"].layers
+    assert manager.requests["narrow"].region < manager.requests["server"].region
+
+
 def test_a_full_workspace_leaves_the_request_dense():
     manager = _manager(slots=50)
     tokens = list(range(600))
