@@ -49,9 +49,9 @@ def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int,
     """Ask every variant each sample it has not scored yet; yield ``(variant name, scored
     record body)``, then the server's counters once, under the first variant's name.
 
-    Where several variants ask one sample, a one-token dense request first puts its prompt
-    in the prefix cache: each variant then extends the same cached prefix by its last token
-    (the same arithmetic for all), and the server prefills the prompt once, not once each.
+    With several variants, a one-token dense request first puts each sample's prompt in the
+    prefix cache: every variant then extends the same cached prefix by its last token (the
+    same arithmetic for all), and the server prefills the prompt once, not once each.
     """
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -62,7 +62,7 @@ def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int,
             for sample in generate(task, count, length, work.num_samples, seed,
                                    work.max_new_tokens):
                 todo = [v for v in variants if (name, length, sample.index) not in v.done]
-                if len(todo) > 1:
+                if todo and len(variants) > 1:  # also for one left in a resumed run
                     prompt = (split_question(sample.prompt)[0] if work.question_in_decode
                               else sample.prompt)
                     server.generate(prompt, 1, custom_params={"kvtier_sparse": False})
