@@ -40,8 +40,12 @@ log = logging.getLogger("sgl_kvtier")
 def wants_sparse(req) -> bool:
     """False when ``sampling_params.custom_params.kvtier_sparse`` is ``false`` (the request
     decodes densely whatever its length: comparisons on one server)."""
+    return _custom_param(req, "kvtier_sparse") is not False
+
+
+def _custom_param(req, key: str):
     params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
-    return not (isinstance(params, dict) and params.get("kvtier_sparse") is False)
+    return params.get(key) if isinstance(params, dict) else None
 
 
 _warned_budget = False
@@ -54,8 +58,7 @@ def budget_of(req) -> float | None:
     prefills it once and builds its state once. ``None``: the server's setting; a value
     outside (0, 1] is ignored, with a warning the first time."""
     global _warned_budget
-    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
-    value = params.get("kvtier_sparse_budget") if isinstance(params, dict) else None
+    value = _custom_param(req, "kvtier_sparse_budget")
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
