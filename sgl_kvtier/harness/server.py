@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,6 +27,10 @@ __all__ = ["Server", "ServerError", "Generation", "TeacherForced", "ScoredDecode
 
 class ServerError(RuntimeError):
     """The server failed to start or to answer; the message ends with its log's tail."""
+
+
+class _PortTaken(ServerError):
+    """Another process bound the server's port between the check and the server's bind."""
 
 
 @dataclass
@@ -70,8 +75,28 @@ class ScoredDecode:
     cached_tokens: int
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(low: int = 10000, high: int = 21999) -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    The server binds its port some 20-50 s after it was picked; a port from the ephemeral
+    range can be handed meanwhile to any outgoing connection or ``bind(0)`` (the server's
+    own processes open several), so pick outside it. SGLang picks its internal ports in
+    22000-29999, hence the range below that.
+    """
+    high = min(high, _ephemeral_low() - 1)
+    candidates = list(range(low, high + 1))
+    random.shuffle(candidates)
+    for port in candidates[:256]:
+        if port_is_free(port):
+            return port
+    with socket.socket() as s:  # the low range is exhausted: fall back to the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -118,11 +143,17 @@ class Server:
     rlimits : dict, optional
         ``resource.RLIMIT_*`` -> limit for the server's processes (e.g. a file size cap to
         make its disk writes fail).
+    launcher : list of str, optional
+        The command before ``args`` (default: this interpreter running
+        ``sglang.launch_server``); any HTTP server taking ``--host``/``--port`` and
+        answering ``/health`` will do.
     """
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 startup_timeout: float = 300.0, rlimits: dict[int, int] | None = None):
+                 startup_timeout: float = 300.0, rlimits: dict[int, int] | None = None,
+                 launcher: list[str] | None = None):
         self.args, self.log_path = list(args), Path(log_path)
+        self.launcher = list(launcher or [sys.executable, "-m", "sglang.launch_server"])
         self.env = dict(os.environ if env is None else env)
         self.rlimits = dict(rlimits or {})
         self.startup_timeout = startup_timeout
@@ -130,12 +161,34 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Server:
+    def start(self, attempts: int = 3) -> Server:
+        """Launch the server and wait for its health check; a port lost to another process
+        at bind time (SGLang then waits forever instead of exiting) means a fresh port and
+        a fresh launch, up to ``attempts`` launches."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._claim_port()
-        cmd = [sys.executable, "-m", "sglang.launch_server", *self.args,
+        for attempt in range(attempts):
+            self._claim_port()
+            self._launch(append=attempt > 0)
+            try:
+                self._wait_ready()
+                return self
+            except _PortTaken:
+                self.stop()
+                lost = self.port
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                with open(self.log_path, "a") as log:
+                    log.write(f"# sgl_kvtier harness: port {lost} was taken at bind time; "
+                              f"launching again on {self.port}\n")
+            except BaseException:  # a failed start, Ctrl-C while waiting: leave nothing behind
+                self.stop()
+                raise
+        raise ServerError(f"no free port held through {attempts} launches; see {self.log_path}")
+
+    def _launch(self, append: bool) -> None:
+        cmd = [*self.launcher, *self.args,
                "--host", "127.0.0.1", "--port", str(self.port)]
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "a" if append else "w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -143,19 +196,20 @@ class Server:
                                          start_new_session=True,
                                          preexec_fn=self._apply_rlimits if self.rlimits else None)
         atexit.register(self.stop)
-        try:
-            self._wait_ready()
-        except BaseException:  # a failed start, Ctrl-C while waiting: leave nothing behind
-            self.stop()
-            raise
-        return self
 
     def _claim_port(self) -> None:
-        """Move to another free port if this one was taken since it was picked: SGLang does
-        not exit when it cannot bind, it waits for a health check that never comes."""
+        """Move to another free port if this one was taken since it was picked."""
         if not port_is_free(self.port):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
+
+    def _lost_port(self) -> bool:
+        """True once the log says the HTTP server could not bind this server's port."""
+        marker = f"attempting to bind on address ('127.0.0.1', {self.port}): address already"
+        try:
+            return marker in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
 
     def _apply_rlimits(self) -> None:
         import resource
@@ -166,15 +220,17 @@ class Server:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"server exited with status {self.proc.returncode} during "
-                                  f"start-up; last lines of {self.log_path}:\n"
-                                  f"{_tail(self.log_path)}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
+            if self._lost_port():
+                raise _PortTaken(self.port)
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with status {self.proc.returncode} during "
+                                  f"start-up; last lines of {self.log_path}:\n"
+                                  f"{_tail(self.log_path)}")
             time.sleep(0.5)
         raise ServerError(f"server not ready after {self.startup_timeout:.0f} s; last lines "
                           f"of {self.log_path}:\n{_tail(self.log_path)}")
