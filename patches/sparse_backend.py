@@ -59,8 +59,9 @@ class SparseDecode:
         if link is None or not forward_batch.rids:
             return
         rows = forward_batch.req_pool_indices.tolist()
+        lens = forward_batch.seq_lens.tolist()
         for i, rid in enumerate(forward_batch.rids):
-            if link.boundary(rid) is None and (offer := link.take(rid)) is not None:
+            if link.boundary(rid) is None and (offer := link.take(rid, lens[i])) is not None:
                 self._convert(link, rid, offer, rows[i])
             if (boundary := link.boundary(rid)) is not None:
                 self._sparse_rows.append((i, rid, boundary))
@@ -68,8 +69,8 @@ class SparseDecode:
             self._sparse_step = link.manager.step([rid for _, rid, _ in self._sparse_rows])
             # Each sparse row's decode tokens in the pool (the current one included: its
             # slot is in the table before the forward), the same in every layer.
-            table, totals = self.req_to_token_pool.req_to_token, forward_batch.seq_lens.tolist()
-            self._sparse_tails = [table[rows[i], boundary:totals[i]].long()
+            table = self.req_to_token_pool.req_to_token
+            self._sparse_tails = [table[rows[i], boundary:lens[i]].long()
                                   for i, _, boundary in self._sparse_rows]
             self.stats["decode_sparse"] = self.stats.get("decode_sparse", 0) + len(
                 self._sparse_rows)

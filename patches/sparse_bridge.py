@@ -7,7 +7,10 @@ pool rows). The order of a request's life:
 1. ``eligible``: the tree checkpointed the request's whole prompt (``boundary`` tokens, all
    now the tree's, locked by the request).
 2. ``converted``: the backend copied the prompt's KV out of the pool into the sparse state
-   (at the request's next decode step) and decodes it sparsely from then on.
+   and decodes it sparsely from then on. That happens at the request's second decode step
+   (``convert_at``), never its first: under the overlap scheduler the first decode step may
+   run before or after the tree's offer (two threads), and a request's output must not
+   depend on which came first. The first step reads the prompt where it still is, exactly.
 3. ``released``: after the batch, the tree dropped the request's lock on the prompt: it is
    evictable (and, with the NVMe tier, reusable from disk); the request never reads those
    slots again.
@@ -29,6 +32,8 @@ class Eligible:
     boundary: int
     scope: str = ""  # the tenant (extra key, cache salt): states are shared within one
     budget: float | None = None  # the request's budget fraction; None: the server's
+    convert_at: int = 0  # the sequence length (prompt + 2: the second decode step) from
+    # which the backend converts
 
 
 class SparseBridge:
@@ -42,14 +47,18 @@ class SparseBridge:
         self.released: set[str] = set()
 
     def offer(self, rid: str, tokens: tuple[int, ...], boundary: int, scope: str = "",
-              budget: float | None = None) -> None:
+              budget: float | None = None, convert_at: int = 0) -> None:
         with self._lock:
             if rid not in self.converted:
-                self.eligible[rid] = Eligible(tokens, boundary, scope, budget)
+                self.eligible[rid] = Eligible(tokens, boundary, scope, budget, convert_at)
 
-    def take(self, rid: str) -> Eligible | None:
+    def take(self, rid: str, seq_len: int) -> Eligible | None:
+        """The request's offer, once a decode step of ``seq_len`` tokens may convert it."""
         with self._lock:
-            return self.eligible.pop(rid, None)
+            offer = self.eligible.get(rid)
+            if offer is None or seq_len < offer.convert_at:
+                return None
+            return self.eligible.pop(rid)
 
     def mark_converted(self, rid: str, boundary: int) -> None:
         with self._lock:

@@ -6,7 +6,7 @@ request's row into the tree and re-locks the request's node; ``release_kv_cache`
 again when the request ends, then frees ``[cache_protected_len, owned)`` and unlocks.
 
 - ``checkpoint`` of a whole prompt (not finished, long enough, not opted out) makes the
-  request eligible; at its next decode step the backend copies the prompt out.
+  request eligible; at its second decode step the backend copies the prompt out.
 - ``flush_pending_backups`` (after every batch) releases converted requests: their lock on
   the prompt is dropped once, and their row's prompt entries are zeroed (slot 0 is SGLang's
   padding slot, never allocated), so a stale slot id can never be read or inserted.
@@ -103,7 +103,7 @@ class SparseRelease:
             self._sparse_reqs[req.rid] = req
             link.offer(req.rid, tokens, boundary,
                        namespace_of(req.extra_key, getattr(req, "cache_salt", None)),
-                       budget_of(req))
+                       budget_of(req), convert_at=len(req.origin_input_ids) + 2)
 
     def flush_pending_backups(self) -> None:
         super().flush_pending_backups()

@@ -54,8 +54,10 @@ def tok(model_dir):
 
 @pytest.fixture(scope="module")
 def exact(model_dir, clean_env, tmp_path_factory):
+    # Without the overlap scheduler the tree's offer always precedes a request's first
+    # decode step: the one order in which converting at that step would be possible.
     server = _server(model_dir, clean_env, tmp_path_factory.mktemp("sparse-exact"), EXACT,
-                     ["--enable-metrics"])
+                     ["--enable-metrics", "--disable-overlap-schedule"])
     yield server
     server.stop()
 
@@ -204,7 +206,7 @@ def _decoding_together(server, prompts, tokens, sampling) -> int:
 def test_released_room_admits_a_queued_prompt_while_others_decode(tight, tok):
     # 5000 slots hold two 2048-token prompts, not three: densely the third waits for one to
     # finish (two decode together); sparse requests give their prompts back after their
-    # first step, and the third must be admitted then (three decode together).
+    # second step, and the third must be admitted then (three decode together).
     def three(base):
         return [token_prompt(tok, 2048, offset=base + 7_001 * i) for i in range(3)]
 
@@ -238,3 +240,21 @@ def test_a_request_chooses_its_budget_and_shares_the_state(tight, tok):
     assert seen[-1]["shared_state_hits"] - seen[0]["shared_state_hits"] == 3  # built once
     assert outputs[2].output_ids == outputs[0].output_ids
     assert tight.log_path.read_text().count("kvtier_sparse_budget must be a number") == 1
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_request_goes_sparse_at_its_second_decode_step(overlap, tight, exact, tok):
+    """Under the overlap scheduler the tree's offer may land before or after a request's
+    first decode step; converting at the second, always, keeps outputs independent of that
+    race. n output tokens: the prefill gives one, the first decode step is dense, n - 2
+    steps are sparse, for every request, with the overlap scheduler (``tight``) and without
+    it (``exact``: there the offer is always in time for the first step, so a conversion
+    at that step would show as n - 1)."""
+    server = tight if overlap else exact
+    for i in range(3):
+        before = _sparse(server)
+        server.generate(token_prompt(tok, 2048, offset=401_000 + 5_003 * i), 8,
+                        ignore_eos=True)
+        after = _sparse(server)
+        assert after["requests"] - before["requests"] == 1
+        assert after["decode_steps"] - before["decode_steps"] == 8 - 2
