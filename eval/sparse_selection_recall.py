@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for table.md, layers.png and "
                         "recall.json")
     args = parser.parse_args(argv)
-    model, tokenizer, rotary = load_with_attention("kvtier_capture", _capture)
+    model, tokenizer, rotary = load_with_attention("kvtier_capture", capture)
     tallies: dict[tuple, Tally] = {}
     for sample in tqdm(needle_samples(tokenizer, args), desc="samples"):
         task = sample.task
-        run = _teacher_forced(model, tokenizer, sample)
+        run = teacher_forced(model, tokenizer, sample)
         for budget in args.budgets:
             # ShadowKV's low-rank keys and chunks of 8, as a GPU server runs them.
             config = SparseConfig(enabled=True, budget_fraction=budget,
@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- the model, with every layer's post-RoPE q, k, v captured ------------------------------
 
-_CAPTURED: dict[int, tuple[torch.Tensor, ...]] = {}
+CAPTURED: dict[int, tuple[torch.Tensor, ...]] = {}
 
 
-def _capture(module, query, key, value, attention_mask, **kwargs):
-    _CAPTURED[module.layer_idx] = (query[0].detach(), key[0].detach(), value[0].detach())
+def capture(module, query, key, value, attention_mask, **kwargs):
+    """An attention function that keeps each layer's ``(q, k, v)`` in :data:`CAPTURED`."""
+    CAPTURED[module.layer_idx] = (query[0].detach(), key[0].detach(), value[0].detach())
     return sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -127,7 +128,8 @@ class ForcedRun:
     needle: torch.Tensor  # (n,) int64 positions of the needle value's tokens
 
 
-def _teacher_forced(model, tokenizer, sample) -> ForcedRun:
+def teacher_forced(model, tokenizer, sample) -> ForcedRun:
+    """One dense pass over a niah sample's haystack, question and reference answer."""
     context, question = split_question(sample.prompt)
     answer = " " + sample.answers[0]
     enc = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
@@ -138,10 +140,10 @@ def _teacher_forced(model, tokenizer, sample) -> ForcedRun:
     end = start + len(sample.answers[0])
     needle = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
     assert start >= 0 and needle, "the needle's value is not in the haystack"
-    _CAPTURED.clear()
+    CAPTURED.clear()
     with torch.no_grad():
         model(torch.tensor([ids]))
-    layers = [_CAPTURED[i] for i in range(len(_CAPTURED))]
+    layers = [CAPTURED[i] for i in range(len(CAPTURED))]
     return ForcedRun([x[0] for x in layers], [x[1] for x in layers], [x[2] for x in layers],
                      len(enc["input_ids"]), len(ids_q), len(ids_a), torch.tensor(needle))
 
@@ -159,7 +161,7 @@ def _measure(run: ForcedRun, config: SparseConfig, rotary: Rotary, tallies: dict
         k, v = run.k[layer].transpose(0, 1), run.v[layer].transpose(0, 1)  # (T, H, D)
         state = build_layer_state(k[:run.prompt], v[:run.prompt], plan, rotary, bounds=True)
         q = run.q[layer][:, steps].float()  # (H_q, S, D)
-        probs = _dense_probs(q, run.k[layer][:, :int(steps[-1]) + 1].float(), steps, scale)
+        probs = dense_probs(q, run.k[layer][:, :int(steps[-1]) + 1].float(), steps, scale)
         mass = {"oracle": _mass_scores(q, run.k[layer][:, plan.sink:plan.shared].float(),
                                        plan, scale),
                 "lowrank": _mass_scores(q, rebuilt_middle(state, plan, rotary), plan, scale)}
@@ -175,9 +177,9 @@ def _measure(run: ForcedRun, config: SparseConfig, rotary: Rotary, tallies: dict
                     tallies.setdefault(key, Tally()).add(layer, kept, lost, needle)
 
 
-def _dense_probs(q: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    # q (H_q, S, D), keys (H, T, D) -> (H_q, S, T): causal softmax at each step's position
+def dense_probs(q: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Dense attention at each step: ``q (H_q, S, D)``, ``keys (H, T, D)`` -> ``(H_q, S, T)``."""
     h, t, d = keys.shape
     logits = q.view(h, -1, d) @ keys.transpose(1, 2) * scale  # (H, G*S, T)
     logits = logits.view(q.shape[0], len(steps), t)

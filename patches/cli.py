@@ -14,9 +14,11 @@ Targets (verified on SGLang 0.5.23):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from sglang.srt.plugins.hook_registry import HookType
 
@@ -117,6 +119,24 @@ def _check_sparse(config: KVTierConfig, args: argparse.Namespace) -> None:
         raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
                           f"sparse.kernel: flashinfer needs a GPU; this server runs on "
                           f"--device cpu (use auto or torch)")
+    _check_exact_heads(config, args)
+
+
+def _check_exact_heads(config: KVTierConfig, args: argparse.Namespace) -> None:
+    """sparse.exact_score_heads against the model's layers and KV heads, read from its
+    config.json when the model is a local folder (a hub id is checked once it is loaded)."""
+    from sgl_kvtier.sparse.manager import exact_heads_by_layer
+
+    file = Path(str(args.model_path)) / "config.json"
+    if not config.sparse.exact_score_heads or not file.is_file():
+        return
+    hf = json.loads(file.read_text())
+    hf = hf.get("text_config", hf)
+    shape = hf["num_hidden_layers"], hf.get("num_key_value_heads", hf["num_attention_heads"])
+    try:
+        exact_heads_by_layer(config.sparse.exact_score_heads, *shape)
+    except ValueError as e:
+        raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: {e}") from None
 
 
 def _select_attention_backend(server_args, args: argparse.Namespace) -> None:

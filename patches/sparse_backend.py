@@ -47,9 +47,10 @@ class SparseDecode:
         install_bridge(manager)
         log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens: %s keys, chunks "
                  "of %d tokens, kernel %s (scores and gathers: %s), workspace %d slots "
-                 "(%.0f MiB)", config.min_context_tokens, manager.config.keys,
-                 manager.config.chunk_tokens, name, ops.name, slots,
-                 manager.workspace.nbytes() / 2**20)
+                 "(%.0f MiB), %d KV heads scored from exact keys", config.min_context_tokens,
+                 manager.config.keys, manager.config.chunk_tokens, name, ops.name, slots,
+                 manager.workspace.nbytes() / 2**20,
+                 sum(map(len, manager.exact_heads.values())))
 
     # ------------------------------------------------------------ per batch
 

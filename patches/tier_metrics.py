@@ -99,6 +99,9 @@ class SparseMetrics(_Metrics):
                               "Time spent scoring and choosing chunks"),
         "gathered_bytes": ("kvtier_sparse_gathered_bytes_total",
                            "Value bytes fetched from host memory into the workspace"),
+        "exact_scored": ("kvtier_sparse_exact_scored_total",
+                         "Per-layer selections of a KV head scored from its exact keys "
+                         "(sparse.exact_score_heads)"),
     }
     GAUGES = {
         "active": ("kvtier_sparse_active_requests", "Requests decoding sparsely now"),

@@ -65,6 +65,10 @@ def parse_size(value: Any) -> int:
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
+# [layer, KV head]: a YAML list of two (strict validation takes no list as a tuple).
+_HeadPair = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -131,6 +135,12 @@ class SparseConfig(_Section):
         "how a query scores a chunk: landmark (ShadowKV: its mean key) or bound (Quest: an "
         "upper bound on q.k from the chunk's per-dimension key min and max; 2x the "
         "landmarks' device memory)"))
+    exact_score_heads: list[_HeadPair] = Field(
+        default_factory=list, description=(
+            "[layer, KV head] pairs whose chunks are scored from their exact keys rather "
+            "than landmarks: the copy heads a landmark misses. Each costs one head's dense "
+            "q.k per step and keeps that head's prompt keys on the device. Find them with "
+            "eval/retrieval_heads.py"))
     dense_layers: int = Field(0, ge=0, description=(
         "first layers that attend the whole prompt exactly (its KV copied off the pool), "
         "as Quest keeps layers 0-1 dense"))

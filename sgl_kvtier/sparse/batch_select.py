@@ -57,6 +57,8 @@ def select_and_refresh(requests: Sequence[SparseRequest], layer: int, q: torch.T
         seconds = (time.perf_counter() - start) / len(group)
         for r in group:
             r.stats.select_seconds += seconds
+            if (exact := r.layers[layer].exact_heads) is not None:
+                r.stats.exact_scored += exact.numel()
         _refresh(group, layer, chunks)
 
 

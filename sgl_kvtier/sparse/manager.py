@@ -113,6 +113,8 @@ class SparseManager:
         self._keys: dict[str, str] = {}
         self._shared: OrderedDict[str, _Shared] = OrderedDict()
         self.counters = SparseCounters()
+        self.exact_heads = exact_heads_by_layer(self.config.exact_score_heads, num_layers,
+                                                num_kv_heads)
 
     def wants(self, context: int) -> bool:
         """Whether a request with ``context`` tokens before its current one goes sparse."""
@@ -147,7 +149,9 @@ class SparseManager:
         if shared is None:
             bounds = self.config.selection == "bound"
             shared = _Shared([build_layer_state(k, v, plan, self.rotary, self.device,
-                                                bounds=bounds) for k, v in kv])
+                                                bounds=bounds,
+                                                exact_heads=self.exact_heads.get(layer, ()))
+                              for layer, (k, v) in enumerate(kv)])
         else:
             self.counters.shared_hits += 1
         local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]
@@ -215,6 +219,7 @@ class SparseManager:
                 "selection_seconds": round(total.select_seconds, 4),
                 "build_seconds": round(c.build_seconds, 4),
                 "selected_chunks": total.selected_chunks, "missed_chunks": total.missed_chunks,
+                "exact_scored": total.exact_scored,
                 "hit_rate": round(total.hit_rate, 4), "gathered_bytes": total.gathered_bytes,
                 "gathered_bytes_per_step": total.gathered_bytes // max(c.steps, 1)}
 
@@ -251,6 +256,19 @@ class SparseManager:
         idle = [k for k, s in self._shared.items() if s.users == 0]
         for key in idle[:max(0, len(idle) - _KEEP_RELEASED)]:
             del self._shared[key]
+
+
+def exact_heads_by_layer(pairs: Sequence[tuple[int, int]], num_layers: int,
+                         num_kv_heads: int) -> dict[int, tuple[int, ...]]:
+    """``sparse.exact_score_heads`` as ``{layer: KV heads}``, checked against the model."""
+    out: dict[int, set[int]] = {}
+    for layer, head in pairs:
+        if layer >= num_layers or head >= num_kv_heads:
+            raise ValueError(
+                f"sparse.exact_score_heads: [{layer}, {head}] is not a (layer, KV head) of "
+                f"this model ({num_layers} layers, {num_kv_heads} KV heads)")
+        out.setdefault(layer, set()).add(head)
+    return {layer: tuple(sorted(heads)) for layer, heads in out.items()}
 
 
 def physical_memory() -> int:

@@ -31,6 +31,7 @@ class StepStats:
     missed_chunks: int = 0
     gathered_bytes: int = 0
     select_seconds: float = 0.0
+    exact_scored: int = 0  # (KV head, layer, step) selections scored from exact keys
 
     def add(self, other: StepStats) -> None:
         for f in fields(self):

@@ -5,13 +5,20 @@ does). Each query head takes the softmax of its scores over the chunks; a KV hea
 chunk if *any* query head of its group wants it (max over the group, as ShadowKV does), then
 the ``k`` best chunks per KV head are selected. Heads select independently: a needle seen by
 one head need not be paid for by all.
+
+A few heads copy from the prompt: one query head puts nearly all its attention on a handful
+of tokens whose chunk's mean key looks like nothing in particular, so no landmark finds them
+(the RULER samples sparse decode lost, ``docs/results/sparse-ruler/README.md``). The KV
+heads named in ``sparse.exact_score_heads`` are scored from their exact keys instead
+(:func:`exact_scores`): the softmax over every middle token, summed per chunk. That costs one
+head's dense ``q . k`` per step, so it is kept to the few heads a calibration names.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["chunk_scores", "bound_scores", "select_chunks"]
+__all__ = ["chunk_scores", "bound_scores", "exact_scores", "select_chunks"]
 
 
 def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -57,6 +64,34 @@ def bound_scores(q: torch.Tensor, bounds: torch.Tensor, selectable: torch.Tensor
     q = q.float().view(h, -1, d)
     logits = q.clamp(min=0) @ high.transpose(1, 2) + q.clamp(max=0) @ low.transpose(1, 2)
     return _group_max(logits * scale, selectable)
+
+
+def exact_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Chunk scores of a few KV heads from their exact keys: each query head's softmax over
+    the selectable chunks' tokens, summed per chunk, max over the GQA group.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(E, G, D)`` the post-RoPE queries of those heads' groups.
+    keys : torch.Tensor
+        ``(E, N, C, D)`` their middle's post-RoPE keys by chunk.
+    selectable : torch.Tensor
+        ``(E, N)`` bool; other chunks score zero and are left out of the softmax.
+    scale : float
+        The attention's softmax scale.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(E, N)`` float32 in ``[0, 1]``, comparable within a row like :func:`chunk_scores`.
+    """
+    e, n, c, d = keys.shape
+    logits = q.float() @ keys.float().reshape(e, n * c, d).transpose(1, 2) * scale  # [E, G, NC]
+    able = selectable.repeat_interleave(c, dim=1)  # [E, N*C]
+    probs = logits.masked_fill(~able[:, None, :], float("-inf")).softmax(-1)
+    return probs.view(e, -1, n, c).sum(-1).amax(1)
 
 
 def _group_max(logits: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:

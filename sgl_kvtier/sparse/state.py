@@ -14,11 +14,16 @@ layer:
 With ``keys: exact`` (``plan.rank == 0``) the middle's post-RoPE keys are kept off the
 device beside the values, in the same layout, instead of the factors.
 
+The KV heads of the layer named in ``sparse.exact_score_heads`` also keep their middle's
+post-RoPE keys on the device, to score chunks exactly
+(:func:`~sgl_kvtier.sparse.select.exact_scores`).
+
 The state is immutable once built, so requests with the same prompt prefix share it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +66,10 @@ class LayerState:
     keys : torch.Tensor or None
         ``(H, N, C, D)`` the middle's post-RoPE keys beside ``values`` (``keys: exact``;
         None with low-rank keys).
+    exact_heads : torch.Tensor or None
+        ``(E,)`` int64, ascending: the KV heads scored from their exact keys (None: none).
+    exact_keys : torch.Tensor or None
+        ``(E, N, C, D)`` those heads' middle post-RoPE keys, on the device.
     """
 
     sink_k: torch.Tensor
@@ -76,12 +85,15 @@ class LayerState:
     start: int
     bounds: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    exact_heads: torch.Tensor | None = None
+    exact_keys: torch.Tensor | None = None
 
     def nbytes(self) -> dict[str, int]:
         """Bytes per buffer; those named in :data:`HOST_BUFFERS` are the host side, the
         rest the device side."""
         names = ("sink_k", "sink_v", "u", "sv", "landmarks", "selectable", "outlier_ids",
-                 "outlier_k", "outlier_v", "values", "bounds", "keys")
+                 "outlier_k", "outlier_v", "values", "bounds", "keys", "exact_heads",
+                 "exact_keys")
         return {name: _bytes(t) for name in names if (t := getattr(self, name)) is not None}
 
     def host_bytes(self) -> int:
@@ -97,7 +109,8 @@ def _bytes(t: torch.Tensor) -> int:
 
 def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary: Rotary,
                       device: torch.device | str | None = None,
-                      host: torch.device | str = "cpu", bounds: bool = False) -> LayerState:
+                      host: torch.device | str = "cpu", bounds: bool = False,
+                      exact_heads: Sequence[int] = ()) -> LayerState:
     """Build one layer's state from the prompt's post-RoPE keys and values.
 
     Parameters
@@ -113,6 +126,8 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
         Where the device-side buffers and the values go (default: ``k``'s device, CPU).
     bounds : bool
         Also keep each chunk's per-dimension key min and max (``selection: bound``).
+    exact_heads : sequence of int
+        KV heads whose chunks are scored from their exact keys (kept on the device).
 
     Returns
     -------
@@ -145,7 +160,16 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
         values=_to_host(values, host), start=s,
         bounds=dev(torch.stack([chunks.amin(1), chunks.amax(1)]).transpose(1, 2))
         if bounds else None,
-        keys=None if plan.rank else _to_host(per_head, host))
+        keys=None if plan.rank else _to_host(per_head, host),
+        **_exact(per_head, exact_heads, device))
+
+
+def _exact(per_head: torch.Tensor, heads: Sequence[int], device: torch.device) -> dict:
+    # per_head [H, N, C, D] -> the named heads' keys on the device, ids ascending
+    if not heads:
+        return {}
+    ids = torch.tensor(sorted(set(heads)), dtype=torch.long, device=per_head.device)
+    return {"exact_heads": ids.to(device), "exact_keys": per_head[ids].to(device).contiguous()}
 
 
 def _to_host(t: torch.Tensor, host: torch.device | str) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch
 
 from sgl_kvtier.sparse.ops import gather_values, rebuild_keys
 from sgl_kvtier.sparse.rope import Rotary
-from sgl_kvtier.sparse.select import bound_scores, chunk_scores
+from sgl_kvtier.sparse.select import bound_scores, chunk_scores, exact_scores
 from sgl_kvtier.sparse.state import LayerState
 
-__all__ = ["TorchOps", "TritonOps"]
+__all__ = ["TorchOps", "TritonOps", "with_exact_heads"]
 
 
 class TorchOps:
@@ -28,9 +28,15 @@ class TorchOps:
     name = "torch"
 
     def scores(self, q: torch.Tensor, state: LayerState, scale: float) -> torch.Tensor:
-        """``q (H_q, D)`` -> ``(H, N)`` chunk scores (landmarks, or bounds when kept)."""
+        """``q (H_q, D)`` -> ``(H, N)`` chunk scores (landmarks, or bounds when kept; the
+        exact-score heads from their keys)."""
         if state.bounds is not None:
-            return bound_scores(q, state.bounds, state.selectable, scale)
+            scores = bound_scores(q, state.bounds, state.selectable, scale)
+        else:
+            scores = self.landmark_scores(q, state, scale)
+        return with_exact_heads(scores, q, state, scale)
+
+    def landmark_scores(self, q: torch.Tensor, state: LayerState, scale: float) -> torch.Tensor:
         return chunk_scores(q, state.landmarks, state.selectable, scale)
 
     def write_chunks(self, k_out: torch.Tensor, v_out: torch.Tensor, first: torch.Tensor,
@@ -66,6 +72,18 @@ class TorchOps:
         return fetched + values.numel() * values.element_size()
 
 
+def with_exact_heads(scores: torch.Tensor, q: torch.Tensor, state: LayerState,
+                     scale: float) -> torch.Tensor:
+    """``scores (H, N)`` with the rows of ``state.exact_heads`` replaced by their exact-key
+    scores (:func:`~sgl_kvtier.sparse.select.exact_scores`; ``q (H_q, D)``)."""
+    if state.exact_heads is None:
+        return scores
+    heads = state.exact_heads
+    q = q.view(scores.shape[0], -1, q.shape[-1])[heads]  # [E, G, D]
+    exact = exact_scores(q, state.exact_keys, state.selectable[heads], scale)
+    return scores.index_copy(0, heads, exact.to(scores.dtype))
+
+
 class TritonOps(TorchOps):
     """The Triton kernels: landmark scores (``selection: bound`` scores stay in PyTorch),
     rebuild and fetch. On an H200 at 128k, per request and layer: scores 0.12 ms against
@@ -74,9 +92,7 @@ class TritonOps(TorchOps):
 
     name = "triton"
 
-    def scores(self, q: torch.Tensor, state: LayerState, scale: float) -> torch.Tensor:
-        if state.bounds is not None:
-            return super().scores(q, state, scale)
+    def landmark_scores(self, q: torch.Tensor, state: LayerState, scale: float) -> torch.Tensor:
         from sgl_kvtier.sparse.triton_ops import chunk_scores_triton
         return chunk_scores_triton(q, state.landmarks, state.selectable, scale)
 

@@ -32,7 +32,9 @@ DENSE = {"custom_params": {"kvtier_sparse": False}}
 EXACT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
          "  budget_max_tokens: 100000\n  keys: lowrank\n  rank_fraction: 1.0\n"
          "  host_memory: 55MiB\n")
-TIGHT = "sparse:\n  enabled: true\n  min_context_tokens: 1024\n"
+# The three copy heads eval/retrieval_heads.py names for the embedded model.
+TIGHT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n"
+         "  exact_score_heads: [[7, 2], [17, 1], [18, 2]]\n")
 
 
 def _server(model_dir, env, folder, yaml_text, extra=()):
@@ -258,3 +260,13 @@ def test_a_request_goes_sparse_at_its_second_decode_step(overlap, tight, exact, 
         after = _sparse(server)
         assert after["requests"] - before["requests"] == 1
         assert after["decode_steps"] - before["decode_steps"] == 8 - 2
+
+
+def test_the_named_heads_are_scored_from_their_exact_keys(tight, tok):
+    before = _sparse(tight)
+    tight.generate(token_prompt(tok, 2048, offset=501_000), 8, ignore_eos=True)
+    after = _sparse(tight)
+    steps = after["decode_steps"] - before["decode_steps"]
+    assert steps == 8 - 2
+    # Three (layer, KV head) pairs, each scored once per sparse step.
+    assert after["exact_scored"] - before["exact_scored"] == 3 * steps

@@ -1,5 +1,5 @@
 """Sparse decode's conflicts with SGLang's own arguments are refused before the model
-loads, each naming sparse.enabled (or sparse.kernel) and the flag."""
+loads, each naming sparse.enabled (or sparse.kernel, sparse.exact_score_heads) and the flag."""
 
 from test_plugin import python
 
@@ -9,12 +9,19 @@ def test_conflicting_server_arguments_are_named(tmp_path):
     config.write_text("sparse:\n  enabled: true\n")
     gpu_only = tmp_path / "gpu-only.yaml"
     gpu_only.write_text("sparse:\n  enabled: true\n  kernel: flashinfer\n")
+    heads = tmp_path / "heads.yaml"
+    heads.write_text("sparse:\n  enabled: true\n  exact_score_heads: [[7, 2], [30, 0]]\n")
+    model = tmp_path / "model"  # only its config.json is read before the model loads
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 30, "num_attention_heads": 9, '
+                                       '"num_key_value_heads": 3}')
     cases = {"mixed": [str(config), "--enable-mixed-chunk"],
              "page": [str(config), "--page-size", "16"],
              "backend": [str(config), "--attention-backend", "torch_native"],
              "no_radix": [str(config), "--disable-radix-cache"],
              "kernel": [str(gpu_only)],
              "gpu": [str(config), "--device", "cuda"],
+             "heads": [str(heads), "--model-path", str(model)],
              "fine": [str(config)]}
     out = python(f"""
         import io, contextlib
@@ -42,7 +49,9 @@ def test_conflicting_server_arguments_are_named(tmp_path):
                 "no_radix": "sparse.enabled: cannot be used with --disable-radix-cache",
                 "kernel": "sparse.kernel: flashinfer needs a GPU",
                 "gpu": "sparse.enabled: runs in the kvtier backend's CPU path in this release "
-                       "(--device cpu); the GPU wiring is not done yet (got --device cuda)"}
+                       "(--device cpu); the GPU wiring is not done yet (got --device cuda)",
+                "heads": "sparse.exact_score_heads: [30, 0] is not a (layer, KV head) of this "
+                         "model (30 layers, 3 KV heads)"}
     for name, fragment in expected.items():
         assert lines[name].startswith("2 kvtier config ") and fragment in lines[name], \
             (name, lines[name])

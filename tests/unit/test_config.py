@@ -101,6 +101,15 @@ def test_sparse_sizes_are_checked_and_named():
         config_from_dict({"sparse": {"host_memory": 0}})
 
 
+def test_exact_score_heads_are_layer_head_pairs():
+    heads = config_from_dict({"sparse": {"exact_score_heads": [[7, 2], [18, 2]]}})
+    assert heads.sparse.exact_score_heads == [[7, 2], [18, 2]]
+    assert config_from_dict({}).sparse.exact_score_heads == []
+    for bad in ([7], [[7]], [[7, 2, 1]], [[-1, 2]], [["7", 2]]):
+        with pytest.raises(ConfigError, match="sparse.exact_score_heads"):
+            config_from_dict({"sparse": {"exact_score_heads": bad}})
+
+
 def test_bidirectional_prefill_needs_the_tier_and_background_loads():
     with pytest.raises(ConfigError, match="prefill.enabled: .* needs tier.enabled: true"):
         config_from_dict({"prefill": {"enabled": True}})

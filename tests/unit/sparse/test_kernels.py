@@ -296,7 +296,9 @@ def test_sparse_step_with_all_four_kernels(keys):
                           rank_min=16, sink_tokens=4, local_tokens=16, outlier_min_chunks=2,
                           keys=keys).resolved("cuda")  # chunks of 8 lowrank, 4 exact
     plan = plan_for(config, 700, h, d)
-    states = [build_layer_state(k, v, plan, rotary, device=DEV) for k, v in kv]
+    # Layer 1 scores KV head 2 from its exact keys: both paths must agree there too.
+    states = [build_layer_state(k, v, plan, rotary, device=DEV, exact_heads=(2,) * layer)
+              for layer, (k, v) in enumerate(kv)]
     local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]
 
     def requests(ops):

@@ -37,7 +37,7 @@ def _data(seed=0):
 def test_dense_probs_are_each_steps_causal_softmax():
     q, keys = _data()
     steps = torch.arange(T, T + 4)
-    probs = recall._dense_probs(q, keys, steps, 0.25)
+    probs = recall.dense_probs(q, keys, steps, 0.25)
     for i, p in enumerate(steps.tolist()):
         for head in range(H * G):
             want = (q[head, i] @ keys[head // G, :p + 1].T * 0.25).softmax(-1)
@@ -47,7 +47,7 @@ def test_dense_probs_are_each_steps_causal_softmax():
 
 def test_kept_is_one_for_every_chunk_and_the_middle_share_for_none():
     q, keys = _data(1)
-    probs = recall._dense_probs(q, keys, torch.arange(T, T + 4), 0.25)[:, 0]
+    probs = recall.dense_probs(q, keys, torch.arange(T, T + 4), 0.25)[:, 0]
     middle = probs[:, PLAN.sink:PLAN.shared].sum(1)
     kept, lost = recall._kept(probs, torch.ones(H, PLAN.chunks, dtype=torch.bool), PLAN)
     torch.testing.assert_close(kept, torch.ones(H * G))
@@ -59,7 +59,7 @@ def test_kept_is_one_for_every_chunk_and_the_middle_share_for_none():
 
 def test_needle_counts_only_the_chosen_chunks_of_the_needle():
     q, keys = _data(2)
-    probs = recall._dense_probs(q, keys, torch.arange(T, T + 4), 0.25)[:, 0]
+    probs = recall.dense_probs(q, keys, torch.arange(T, T + 4), 0.25)[:, 0]
     needle = torch.arange(PLAN.sink + 3 * PLAN.chunk, PLAN.sink + 5 * PLAN.chunk)  # chunks 3-4
     chosen = torch.zeros(H, PLAN.chunks, dtype=torch.bool)
     chosen[0, 3] = True  # KV head 0 holds half the needle, head 1 none of it

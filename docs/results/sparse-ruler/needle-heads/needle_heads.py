@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "eval"))
-from sparse_selection_recall import _CAPTURED, _capture, _dense_probs
+from sparse_selection_recall import CAPTURED, capture, dense_probs
 
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.eval.offline_model import load_with_attention
@@ -80,7 +80,7 @@ def sample_run(model, tok, records: list[dict], task: str, index: int):
     end = start + len(sample.answers[0])
     needle = torch.tensor([i for i, (a, b) in enumerate(enc["offset_mapping"])
                            if a < end and b > start])
-    _CAPTURED.clear()
+    CAPTURED.clear()
     with torch.no_grad():
         model(torch.tensor([enc["input_ids"] + answer]))
     return answer, needle, rec, len(enc["input_ids"])
@@ -89,7 +89,7 @@ def sample_run(model, tok, records: list[dict], task: str, index: int):
 def measure(answer, needle, n0: int, rotary):
     """Per step: kept needle mass per rule, the needle mass seen, and the needle heads."""
     steps = torch.arange(n0 - 1, n0 + len(answer) - 1)  # step j's query writes token j
-    _, k0, _ = _CAPTURED[0]
+    _, k0, _ = CAPTURED[0]
     config = SparseConfig(enabled=True, budget_fraction=0.06,
                           budget_min_tokens=32).resolved("cpu")
     plan = plan_for(config, n0, k0.shape[0], k0.shape[2])
@@ -98,12 +98,12 @@ def measure(answer, needle, n0: int, rotary):
     chunk = (inside - plan.sink) // plan.chunk
     kept = {r: torch.zeros(len(steps)) for r in RULES}
     seen, heads = torch.zeros(len(steps)), {}
-    for layer in range(len(_CAPTURED)):
-        q, k, v = _CAPTURED[layer]
+    for layer in range(len(CAPTURED)):
+        q, k, v = CAPTURED[layer]
         state = build_layer_state(k.transpose(0, 1)[:n0], v.transpose(0, 1)[:n0], plan,
                                   rotary, bounds=True)
         qs = q[:, steps].float()
-        probs = _dense_probs(qs, k[:, :int(steps[-1]) + 1].float(), steps, scale)
+        probs = dense_probs(qs, k[:, :int(steps[-1]) + 1].float(), steps, scale)
         g = qs.shape[0] // k.shape[0]
         for i in range(len(steps)):
             on = probs[:, i][:, inside]  # (H_q, n)
@@ -132,7 +132,7 @@ def needle_heads(q, on, chunk, state, layer: int, g: int, scale: float) -> list[
 
 def main(argv: list[str]) -> None:
     records = [json.loads(line) for line in open(argv[0])]
-    model, tok, rotary = load_with_attention("kvtier_capture", _capture)
+    model, tok, rotary = load_with_attention("kvtier_capture", capture)
     for task, index in (a.split(":") for a in argv[1:]):
         answer, needle, rec, n0 = sample_run(model, tok, records, task, int(index))
         kept, seen, heads = measure(answer, needle, n0, rotary)
