@@ -1,5 +1,6 @@
-"""The measures of eval/sparse_selection_recall.py and the masking of
-eval/sparse_selection_decode.py, on synthetic attention (no model)."""
+"""The measures of eval/sparse_selection_recall.py, the masking of
+eval/sparse_selection_decode.py and the copy-head calibration of eval/retrieval_heads.py, on
+synthetic attention (no model)."""
 
 import importlib.util
 import sys
@@ -24,6 +25,7 @@ def _script(name):
 
 recall = _script("sparse_selection_recall")
 decode = _script("sparse_selection_decode")
+heads = _script("retrieval_heads")
 H, G, D, T = 2, 3, 16, 600
 PLAN = plan_for(SparseConfig(enabled=True, budget_fraction=0.06, budget_min_tokens=32,
                              keys="lowrank", chunk_tokens=8), T, H, D)
@@ -101,3 +103,29 @@ def test_rebuilt_middle_is_every_chunk_rebuilt_at_its_position():
     pre = torch.einsum("mr,hrd->mhd", state.u.float(), state.sv.float())
     want = rot.apply(pre, torch.arange(PLAN.sink, PLAN.shared)).transpose(0, 1)
     torch.testing.assert_close(rebuilt_middle(state, PLAN, rot), want)
+
+
+def test_calibration_names_the_head_whose_landmark_hides_the_needle():
+    from sgl_kvtier.sparse.rope import Rotary, inv_freq
+
+    rot = Rotary(D, inv_freq(D, 10000.0))
+    config = SparseConfig(enabled=True, budget_fraction=0.06, budget_min_tokens=32,
+                          outlier_min_chunks=0, outlier_fraction=0.0).resolved("cpu")
+    plan = plan_for(config, T, H, D)
+    gen = torch.Generator().manual_seed(6)
+    answer, total = 3, T + 1 + 3  # prompt, one forced question token, the answer
+    q = [torch.randn(H * G, total, D, generator=gen) for _ in range(2)]
+    k = [torch.randn(H, total, D, generator=gen) for _ in range(2)]
+    v = [torch.randn(H, total, D, generator=gen) for _ in range(2)]
+    first = plan.sink + 40 * plan.chunk  # the needle: the first token of chunk 40
+    u = torch.randn(D, generator=gen)
+    u /= u.norm()
+    k[1][1, first] = 12 * u  # layer 1, KV head 1: one key the answer steps read ...
+    k[1][1, first + 1:first + plan.chunk] = -6 * u  # ... in a chunk whose mean points away
+    q[1][G + 2, T:] = 12 * u  # query head 2 of KV head 1's group, at the answer steps
+    run = recall.ForcedRun(q, k, v, T, 1, answer, torch.tensor([first]))
+    found = heads.sample_misses(run, config, rot, 0.5)
+    assert set(found) == {(1, 1)}, found
+    assert found[1, 1]["query_head"] == G + 2 and found[1, 1]["mass"] > 0.9
+    assert found[1, 1]["kept"] == 0
+    assert heads.heads_yaml([(1, 1), (7, 2)]) == "sparse:\n  exact_score_heads: [[1, 1], [7, 2]]\n"
