@@ -15,7 +15,7 @@ every ratio comes from one server in one run.
   ``--dense-requests`` distinct 8k prompts at once, dense, then ``--requests`` others,
   sparse; each request's decode interval is taken from its stream, and the most that
   overlap is the capacity. A dense request holds its prompt's slots until it ends; a sparse
-  one lets go of them after its first decode step, so the next queued prompt is admitted
+  one lets go of them after its second decode step, so the next queued prompt is admitted
   while it decodes. The pool tokens a sparse request releases and the host bytes of its
   state come from ``/get_server_info``.
 

@@ -47,7 +47,8 @@ def pool(seq_lens: list[int], seed: int = 0, runs: int = 1):
 @pytest.mark.parametrize("prompt_tokens", [2048])
 def test_cached_prompt_extend(benchmark, prompt_tokens):
     """A fully cached prompt: one new token over ``prompt_tokens - 1`` cached ones."""
-    MAX_RATIO = 0.05  # measured 0.017-0.027 on 2 AMD EPYC cores
+    # measured 0.017-0.027 on 2 AMD EPYC cores, 0.035-0.045 on 2 Xeon cores (slower memory)
+    MAX_RATIO = 0.07
     torch_native, kvtier = backends()
     k, v, table = pool([prompt_tokens])
     q = torch.randn(1, HEADS, DIM)

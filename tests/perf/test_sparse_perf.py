@@ -60,13 +60,16 @@ def _paths(context: int, batch: int):
 
 
 @pytest.mark.parametrize("context,batch,max_ratio", [
-    # measured 1.06-1.07 (one thread, 2 idle AMD EPYC cores, AVX512-BF16, float32; 0.92-1.18
-    # with low-rank keys and a busy neighbour): at 4k the selection and bookkeeping cost
-    # about what the dense scan they replace costs
-    (4096, 1, 1.5),
-    # measured 0.25-0.27 (0.24-0.39 with low-rank keys): the 8k batch, where sparse decode
-    # must pay off
-    (8192, 8, 0.5),
+    # At 4k the selection and bookkeeping cost about what the dense scan they replace costs.
+    # Measured (one thread, float32): 1.06-1.07 on 2 idle AMD EPYC cores (AVX512-BF16;
+    # 0.92-1.18 with low-rank keys and a busy neighbour); 1.05-1.19 on 2 idle Xeon cores
+    # (AVX512-BF16, AMX), whose memory is slower to reach, and 1.79 once at the end of a CI
+    # run there (before rows were read in place).
+    pytest.param(4096, 1, 2.0, id="4096-1"),
+    # The 8k batch, where sparse decode must pay off; the bound is the goal (1.5x
+    # dense throughput). Measured 0.25-0.27 on the AMD EPYC (0.24-0.39 with low-rank keys),
+    # 0.48-0.50 on the Xeon (0.53-0.56 while rows were gathered).
+    pytest.param(8192, 8, 0.67, id="8192-8"),
 ])
 def test_sparse_step_against_dense(benchmark, context, batch, max_ratio):
     sparse, dense, manager = _paths(context, batch)

@@ -52,7 +52,7 @@ def test_store_reads_near_plain_parallel_reads(benchmark, tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_restore_from_disk_against_recompute(benchmark, tmp_path):
     """1024 prompt tokens: load their KV from the tier into a KV pool, or compute it."""
-    MAX_RATIO = 0.02  # measured 0.007-0.017 on 2 AMD EPYC cores
+    MAX_RATIO = 0.03  # measured 0.007-0.017 on 2 AMD EPYC cores, 0.013-0.020 on 2 Xeon cores
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path("smollm2"), dtype=torch.float32)

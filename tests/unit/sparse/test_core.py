@@ -10,7 +10,14 @@ from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.sparse.batch_select import assign_slots
 from sgl_kvtier.sparse.budget import plan_for
 from sgl_kvtier.sparse.decode import SparseStep, merge_tail
-from sgl_kvtier.sparse.paged import paged_decode, paged_decode_ref, region_table
+from sgl_kvtier.sparse.paged import (
+    PageTable,
+    TorchPagedDecode,
+    contiguous_runs,
+    paged_decode,
+    paged_decode_ref,
+    region_table,
+)
 from sgl_kvtier.sparse.request import SparseRequest
 from sgl_kvtier.sparse.rope import Rotary, inv_freq, rotary_from_config
 from sgl_kvtier.sparse.select import bound_scores, chunk_scores, select_chunks
@@ -159,6 +166,37 @@ def test_table_over_the_workspace_matches_dense_attention_over_the_same_selectio
         for row, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
             dense = torch.softmax(q[row] @ ws.k[0, a:a + n].T * D ** -0.5, -1) @ ws.v[0, a:a + n]
             assert torch.allclose(out[row], dense, atol=1e-5)
+
+
+def test_contiguous_rows_are_read_in_place_and_agree_with_the_reference():
+    ws = SparseWorkspace(2, D, 900, dtype=torch.float32)
+    ws.k.normal_()
+    ws.v.normal_()
+    # Two requests of 3 rows (KV heads) with 50-slot regions, not adjacent; a third of 3
+    # rows of 20; the layer-1 view has a storage offset the blocks must honour.
+    starts = torch.tensor([0, 50, 100, 400, 450, 500, 700, 720, 740])
+    lengths = torch.tensor([50] * 6 + [20] * 3)
+    q = torch.randn(9, G, D)
+    for page in (1, 2, 5):
+        table = region_table(starts, lengths, page)
+        runs = contiguous_runs(table)
+        assert runs == [(0, 3, 0, 50, 50), (3, 3, 400, 50, 50), (6, 3, 700, 20, 20)]
+        decode = TorchPagedDecode()
+        out, lse = decode(q, ws.k[1], ws.v[1], table, D ** -0.5)
+        ref, ref_lse = paged_decode_ref(q, ws.k[1], ws.v[1], table, D ** -0.5)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+        assert decode._runs == runs and decode._plan is None  # read in place, not gathered
+    # Pages out of order: not contiguous, so the decode gathers (and still agrees).
+    table = PageTable(torch.tensor([0, 2, 3], dtype=torch.int32),
+                      torch.tensor([5, 3, 9], dtype=torch.int32),
+                      torch.tensor([4, 2], dtype=torch.int32), 4)
+    assert contiguous_runs(table) is None
+    decode = TorchPagedDecode()
+    out, lse = decode(q[:2], ws.k[0], ws.v[0], table, D ** -0.5)
+    assert decode._runs is None and decode._plan is not None
+    ref, ref_lse = paged_decode_ref(q[:2], ws.k[0], ws.v[0], table, D ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_full_budget_full_rank_is_dense_attention():
