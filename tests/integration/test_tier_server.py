@@ -62,7 +62,8 @@ def test_kill_9_while_writing_then_restart(servers, prompts, reference, tmp_path
     first.stop()
     assert out.output_ids == reference["outputs"]["long"]
     assert in_flight and pending > 0, "the kill did not land while writing"
-    assert list((tmp_path / "tier").rglob("*.tmp")), "the half-written file is gone already"
+    half_written = list((tmp_path / "tier").rglob("*.tmp"))
+    assert half_written, "the half-written file is gone already"
 
     second = servers.start(config)
     for name in ("long", "other"):
@@ -71,7 +72,9 @@ def test_kill_9_while_writing_then_restart(servers, prompts, reference, tmp_path
     state = tier(second)
     assert state["checksum_failures"] == 0 and state["corrupt_files"] == 0
     assert state["loaded_tokens"] >= 1023
-    assert not list((tmp_path / "tier").rglob("*.tmp"))  # half-written files cleared
+    # The killed server's half-written files are cleared (the new server's own writes of
+    # the recomputed prompt may be in flight now, under other names).
+    assert not [path for path in half_written if path.exists()]
     assert state["temp_files_removed"] >= 1
 
 
