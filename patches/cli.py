@@ -25,6 +25,7 @@ from sglang.srt.plugins.hook_registry import HookType
 from sgl_kvtier import __version__
 from sgl_kvtier.config import ConfigError, KVTierConfig, load_config
 from sgl_kvtier.patches import _state
+from sgl_kvtier.sparse.model_fit import sparse_unfit_reason
 
 log = logging.getLogger("sgl_kvtier")
 
@@ -119,19 +120,26 @@ def _check_sparse(config: KVTierConfig, args: argparse.Namespace) -> None:
         raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
                           f"sparse.kernel: flashinfer needs a GPU; this server runs on "
                           f"--device cpu (use auto or torch)")
-    _check_exact_heads(config, args)
+    hf = _local_model_config(args)
+    if hf is None:
+        return  # a hub id: the backend checks the loaded model's config
+    if (why := sparse_unfit_reason(hf)) is not None:
+        raise ConfigError(f"{where}: cannot serve {args.model_path}: {why}")
+    _check_exact_heads(config, args, hf.get("text_config") or hf)
 
 
-def _check_exact_heads(config: KVTierConfig, args: argparse.Namespace) -> None:
-    """sparse.exact_score_heads against the model's layers and KV heads, read from its
-    config.json when the model is a local folder (a hub id is checked once it is loaded)."""
+def _local_model_config(args: argparse.Namespace) -> dict | None:
+    """The model's config.json when the model is a local folder."""
+    file = Path(str(args.model_path)) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _check_exact_heads(config: KVTierConfig, args: argparse.Namespace, hf: dict) -> None:
+    """sparse.exact_score_heads against the model's layers and KV heads."""
     from sgl_kvtier.sparse.manager import exact_heads_by_layer
 
-    file = Path(str(args.model_path)) / "config.json"
-    if not config.sparse.exact_score_heads or not file.is_file():
+    if not config.sparse.exact_score_heads:
         return
-    hf = json.loads(file.read_text())
-    hf = hf.get("text_config", hf)
     shape = hf["num_hidden_layers"], hf.get("num_key_value_heads", hf["num_attention_heads"])
     try:
         exact_heads_by_layer(config.sparse.exact_score_heads, *shape)

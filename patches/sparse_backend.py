@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import time
 
+from sgl_kvtier.config import ConfigError
 from sgl_kvtier.patches.sparse_bridge import bridge, install_bridge
 from sgl_kvtier.sparse.backend import resolve_kernel, resolve_ops
 from sgl_kvtier.sparse.decode import merge_tail
 from sgl_kvtier.sparse.manager import SparseManager
+from sgl_kvtier.sparse.model_fit import sparse_unfit_reason
 from sgl_kvtier.sparse.rope import rotary_from_config
 
 __all__ = ["SparseDecode", "sparse_config"]
@@ -34,10 +36,14 @@ class SparseDecode:
     _layer_id = 0
 
     def _sparse_init(self, model_runner, config) -> None:
+        hf = model_runner.model_config.hf_config.to_dict()
+        if (why := sparse_unfit_reason(hf)) is not None:
+            # The launch check reads a local config.json; a hub id is only known here.
+            raise ConfigError(f"sparse.enabled: cannot serve this model: {why}")
         pool = model_runner.token_to_kv_pool
         k0 = pool.get_key_buffer(0)
         _, heads, head_dim = k0.shape
-        rotary = rotary_from_config(model_runner.model_config.hf_config.to_dict())
+        rotary = rotary_from_config(hf)
         name, attend = resolve_kernel(config.kernel, model_runner.device)
         ops = resolve_ops(config.kernel, model_runner.device)
         layers = pool.layer_num

@@ -150,7 +150,8 @@ class SparseConfig(_Section):
     host_memory: Size | None = Field(None, gt=0, description=(
         "host bytes for the prompt states of all sparse requests (their values, and their "
         "keys with exact keys); a request whose new state would not fit decodes densely. "
-        "Default: half of the machine's memory"))
+        "Default: half of the memory this process may use (the machine's, capped by its "
+        "memory cgroup's limit)"))
     kernel: Literal["auto", "torch", "triton", "flashinfer"] = Field("auto", description=(
         "auto: FlashInfer + Triton where a GPU has them, PyTorch elsewhere"))
 

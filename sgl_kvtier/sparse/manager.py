@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import torch
 from sgl_kvtier.config import SparseConfig
 from sgl_kvtier.sparse.budget import SparsePlan, plan_for
 from sgl_kvtier.sparse.decode import PagedAttention, SparseStep
+from sgl_kvtier.sparse.host_memory import usable_memory
 from sgl_kvtier.sparse.paged import TorchPagedDecode
 from sgl_kvtier.sparse.request import SparseRequest, StepStats
 from sgl_kvtier.sparse.rope import Rotary
@@ -106,7 +106,7 @@ class SparseManager:
         self.workspace = SparseWorkspace(num_layers, head_dim, workspace_slots, dtype, device)
         self.dtype = dtype
         self.host_memory = (self.config.host_memory if self.config.host_memory is not None
-                            else physical_memory() // 2)
+                            else usable_memory() // 2)
         self.attend = TorchPagedDecode() if attend is None else attend
         self.ops = TorchOps() if ops is None else ops
         self.requests: dict[str, SparseRequest] = {}
@@ -269,11 +269,6 @@ def exact_heads_by_layer(pairs: Sequence[tuple[int, int]], num_layers: int,
                 f"this model ({num_layers} layers, {num_kv_heads} KV heads)")
         out.setdefault(layer, set()).add(head)
     return {layer: tuple(sorted(heads)) for layer, heads in out.items()}
-
-
-def physical_memory() -> int:
-    """Bytes of memory of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _key(tokens: Sequence[int], plan: SparsePlan, scope: str) -> str:

@@ -88,7 +88,10 @@ def exact_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor,
         ``(E, N)`` float32 in ``[0, 1]``, comparable within a row like :func:`chunk_scores`.
     """
     e, n, c, d = keys.shape
-    logits = q.float() @ keys.float().reshape(e, n * c, d).transpose(1, 2) * scale  # [E, G, NC]
+    # The product runs in the keys' dtype (a float32 copy of a long prompt's keys would cost
+    # more than the scoring); only the [E, G, NC] logits are upcast for the softmax.
+    flat = keys.reshape(e, n * c, d).transpose(1, 2)
+    logits = (q.to(keys.dtype) @ flat).float() * scale  # [E, G, NC]
     able = selectable.repeat_interleave(c, dim=1)  # [E, N*C]
     probs = logits.masked_fill(~able[:, None, :], float("-inf")).softmax(-1)
     return probs.view(e, -1, n, c).sum(-1).amax(1)

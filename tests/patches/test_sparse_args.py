@@ -15,6 +15,10 @@ def test_conflicting_server_arguments_are_named(tmp_path):
     model.mkdir()
     (model / "config.json").write_text('{"num_hidden_layers": 30, "num_attention_heads": 9, '
                                        '"num_key_value_heads": 3}')
+    windowed = tmp_path / "windowed"
+    windowed.mkdir()
+    (windowed / "config.json").write_text('{"num_hidden_layers": 30, "num_attention_heads": 9, '
+                                          '"sliding_window": 4096}')
     cases = {"mixed": [str(config), "--enable-mixed-chunk"],
              "page": [str(config), "--page-size", "16"],
              "backend": [str(config), "--attention-backend", "torch_native"],
@@ -22,6 +26,7 @@ def test_conflicting_server_arguments_are_named(tmp_path):
              "kernel": [str(gpu_only)],
              "gpu": [str(config), "--device", "cuda"],
              "heads": [str(heads), "--model-path", str(model)],
+             "window": [str(config), "--model-path", str(windowed)],
              "fine": [str(config)]}
     out = python(f"""
         import io, contextlib
@@ -51,7 +56,9 @@ def test_conflicting_server_arguments_are_named(tmp_path):
                 "gpu": "sparse.enabled: runs in the kvtier backend's CPU path in this release "
                        "(--device cpu); the GPU wiring is not done yet (got --device cuda)",
                 "heads": "sparse.exact_score_heads: [30, 0] is not a (layer, KV head) of this "
-                         "model (30 layers, 3 KV heads)"}
+                         "model (30 layers, 3 KV heads)",
+                "window": f"sparse.enabled: cannot serve {windowed}: the model attends "
+                          "through a sliding window (sliding_window: 4096)"}
     for name, fragment in expected.items():
         assert lines[name].startswith("2 kvtier config ") and fragment in lines[name], \
             (name, lines[name])

@@ -36,6 +36,18 @@ def test_exact_scores_are_each_chunks_softmax_mass_max_over_the_group():
     assert got[1, 4] == 0  # an outlier chunk is attended anyway: it scores nothing
 
 
+def test_bf16_keys_score_like_float32_and_return_float32():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 64, 4, 16, generator=gen)
+    q = torch.randn(2, 3, 16, generator=gen)
+    able = torch.ones(2, 64, dtype=torch.bool)
+    want = exact_scores(q, keys, able, 0.25)
+    got = exact_scores(q.to(torch.bfloat16), keys.to(torch.bfloat16), able, 0.25)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.1)
+    assert (select_chunks(got, 4) == select_chunks(want, 4)).float().mean() >= 0.75
+
+
 def _copy_target(seed=1):
     """A prompt whose KV head 1 has one key along a query head's query inside a chunk whose
     other keys point away, so the chunk's mean key (its landmark) hides it."""

@@ -112,9 +112,9 @@ def test_host_memory_caps_new_states_and_drops_released_ones_first(caplog):
     assert manager.report()["states"] == 2 and manager.host_bytes() == 2 * one
 
 
-def test_host_memory_defaults_to_half_the_machine():
-    from sgl_kvtier.sparse.manager import physical_memory
-    assert _manager().report()["host_memory"] == physical_memory() // 2 > 0
+def test_host_memory_defaults_to_half_the_usable_memory():
+    from sgl_kvtier.sparse.host_memory import usable_memory
+    assert _manager().report()["host_memory"] == usable_memory() // 2 > 0
 
 
 def test_dense_layers_attend_the_whole_prompt_exactly_and_the_rest_select():
