@@ -91,7 +91,7 @@ class SparseDecode:
         if link.manager.convert(rid, offer.tokens, read, offer.scope, offer.budget):
             link.mark_converted(rid, offer.boundary)
             plan = link.manager.requests[rid].plan
-            keys = f"rank-{plan.rank} keys" if plan.rank else "exact keys"
+            keys = "exact keys" if plan.exact_keys else f"rank-{plan.rank} keys"
             log.info("sgl_kvtier: sparse decode for %s: %d prompt tokens -> %s, %d of "
                      "%d chunks selected + %d dense tokens per KV head (%.0f ms)", rid,
                      offer.boundary, keys, plan.selected_chunks, plan.chunks,

@@ -1,4 +1,5 @@
-"""``python -m sgl_kvtier.eval run FILE.yaml``, ``list`` and ``perf BENCH.json``."""
+"""``python -m sgl_kvtier.eval run FILE.yaml``, ``report FOLDER``, ``list`` and
+``perf BENCH.json``."""
 
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ def _run(path: Path, out: Path, resume: Path | None) -> int:
     return 0
 
 
+def _report(folder: Path) -> int:
+    from sgl_kvtier.eval.runner import report_folder
+
+    try:
+        result, verdicts = report_folder(folder)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print((result.path / "summary.md").read_text())
+    failed = [v for v in verdicts if not v["passed"]]
+    if failed:
+        print(f"{len(failed)} gate(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _perf(bench_json: Path, baselines: Path, tripwire: float, fail_on_drift: bool) -> int:
     from sgl_kvtier.eval.perf import report
 
@@ -93,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="continue this incomplete run folder of the same run file: the "
                             "RULER samples it holds are kept and not asked again (RULER "
                             "workloads only)")
+    p_report = sub.add_parser(
+        "report", help="write a run folder's summary.md and plots again from its records",
+        description="Rewrite summary.md, score.png and ttft.png of a run folder from its "
+                    "records.jsonl and spec.yaml with this checkout's report code: no server "
+                    "is started and no record is added. Gates are judged only for a complete "
+                    "run; exit status 1 if one fails.")
+    p_report.add_argument("folder", type=Path, help="a run folder, e.g. runs/quickstart-2026…")
     p_list = sub.add_parser("list", help="list the run files and their descriptions")
     p_list.add_argument("--dir", type=Path, default=DEFAULT_CONFIGS,
                         help=f"folder of run files (default: {DEFAULT_CONFIGS})")
@@ -115,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args.dir)
+    if args.command == "report":
+        return _report(args.folder)
     if args.command == "perf":
         return _perf(args.bench_json, args.baselines, args.tripwire, args.fail_on_drift)
     return _run(args.file, args.out, args.resume)

@@ -21,13 +21,17 @@ __all__ = ["Variant", "run_ruler", "steps", "sample_keys", "split_question", "li
 
 
 def steps(work: RulerWorkload) -> int:
-    return len(work.tasks) * len(work.lengths) * work.num_samples + 1  # + the counters
+    return len(work.tasks) * len(work.lengths) * len(_indices(work)) + 1  # + the counters
 
 
 def sample_keys(work: RulerWorkload) -> set[tuple[str, int, int]]:
     """``(task as recorded, length, index)`` of every sample the workload scores."""
     return {(_recorded_task(work, task), length, index) for length in work.lengths
-            for task in work.tasks for index in range(work.num_samples)}
+            for task in work.tasks for index in _indices(work)}
+
+
+def _indices(work: RulerWorkload) -> set[int]:
+    return set(work.indices) if work.indices else set(range(work.num_samples))
 
 
 def _recorded_task(work: RulerWorkload, task: str) -> str:
@@ -61,6 +65,8 @@ def run_ruler(server: Server, tokenizer, work: RulerWorkload, seed: int,
             name = _recorded_task(work, task)
             for sample in generate(task, count, length, work.num_samples, seed,
                                    work.max_new_tokens):
+                if sample.index not in _indices(work):
+                    continue
                 todo = [v for v in variants if (name, length, sample.index) not in v.done]
                 if todo and len(variants) > 1:  # also for one left in a resumed run
                     prompt = (split_question(sample.prompt)[0] if work.question_in_decode

@@ -60,7 +60,9 @@ class ScoreGate(_Strict):
     metric: Literal["score"]
     server: str
     baseline: str | None = None
-    task: str = Field("mean", description="a RULER task, or the mean over the run's tasks")
+    task: str = Field("mean", description=(
+        "a RULER task, 'mean' (over the run's tasks asked as usual) or 'mean:decode' (over "
+        "those asked with the question forced through decode)"))
     length: int
     min_value: float | None = Field(None, ge=0, le=100)
     max_drop: float | None = Field(None, ge=0, description="points below the baseline")

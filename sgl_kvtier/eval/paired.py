@@ -12,7 +12,15 @@ import math
 import statistics
 from collections import defaultdict
 
-__all__ = ["paired_differences", "mean_interval"]
+__all__ = ["paired_differences", "mean_interval", "pool_of", "POOLS"]
+
+POOLS = ("mean", "mean:decode")
+
+
+def pool_of(task: str) -> str:
+    """The pooled row a recorded task counts in: ``"mean:decode"`` for a task asked with the
+    question forced through decode (recorded ``"<task>:decode"``), else ``"mean"``."""
+    return "mean:decode" if task.endswith(":decode") else "mean"
 
 
 def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -32,9 +40,10 @@ def paired_differences(records: list[dict], reference: str,
                        confidence: float = 0.95) -> dict[tuple[str, str, int], dict]:
     """Per ``(server, task, length)``: the mean of ``score(server) - score(reference)`` over
     the samples both scored, its interval, ``n`` and the reference's mean score there (a
-    task the reference scores near zero cannot show a loss). Task ``"mean"`` pools every
-    task's differences at that length (every task has the same samples count, so its mean
-    is the mean over tasks)."""
+    task the reference scores near zero cannot show a loss). Task ``"mean"`` pools the
+    differences of every task asked as usual at that length (every task has the same samples
+    count, so its mean is the mean over tasks), ``"mean:decode"`` those of the tasks asked
+    with the question forced through decode (:func:`pool_of`): two workloads, two means."""
     scores: dict[tuple[str, str, int, int], float] = {}
     for r in records:
         if r.get("workload") == "ruler":
@@ -45,7 +54,7 @@ def paired_differences(records: list[dict], reference: str,
         ref = scores.get((reference, task, length, index))
         if server == reference or ref is None:
             continue
-        for name in (task, "mean"):
+        for name in (task, pool_of(task)):
             diffs[(server, name, length)].append(value - ref)
             base[(server, name, length)].append(ref)
     out = {}

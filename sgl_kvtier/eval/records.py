@@ -56,6 +56,24 @@ def provenance() -> dict:
     return {"git_commit": _git_commit(), "sglang_version": sglang, "hardware": _hardware()}
 
 
+def _read_records(path: Path, what: str) -> list[dict]:
+    """The records of run folder ``path``; a last line cut short by a killed process is
+    dropped. Raises ValueError naming ``what`` for a folder without records.jsonl, or a
+    line other than the last that is not JSON."""
+    if not (path / "records.jsonl").is_file():
+        raise ValueError(f"{what} {path}: not a run folder (no records.jsonl)")
+    lines = (path / "records.jsonl").read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{what} {path}: records.jsonl line {number} is not "
+                                 "JSON (only the last line may be cut short)") from None
+    return records
+
+
 class RunFolder:
     """Append-only records of one run, in ``root/<name>-<timestamp>/``."""
 
@@ -72,19 +90,9 @@ class RunFolder:
         records are kept, new ones are appended. A last line cut short by a killed process
         is dropped. Raises ValueError if the folder is complete or of another run file."""
         path = Path(path)
-        if not (path / "records.jsonl").is_file():
-            raise ValueError(f"--resume {path}: not a run folder (no records.jsonl)")
         if (path / "COMPLETE").exists():
             raise ValueError(f"--resume {path}: the run is already complete")
-        lines = (path / "records.jsonl").read_text().splitlines()
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise ValueError(f"--resume {path}: records.jsonl line {number} is not "
-                                     "JSON (only the last line may be cut short)") from None
+        records = _read_records(path, "--resume")
         hashes = {r.get("config_hash") for r in records}
         if hashes - {spec_hash}:
             raise ValueError(f"--resume {path}: its records are of run file "
@@ -94,6 +102,19 @@ class RunFolder:
         folder = cls.__new__(cls)
         folder._open(path, name, spec_hash, records)
         folder.event(event="resume", records=len(records), git_commit=folder.tags["git_commit"])
+        return folder
+
+    @classmethod
+    def read(cls, path: Path) -> RunFolder:
+        """A run folder, complete or not, opened to report on its records again; nothing can
+        be added to it. Its tags are those its first record was measured with."""
+        path = Path(path)
+        folder = cls.__new__(cls)
+        folder.path, folder._records = path, None
+        folder.records = _read_records(path, "report")
+        first = folder.records[0] if folder.records else {}
+        folder.tags = {key: first.get(key, "unknown") for key in
+                       ("run", "config_hash", "git_commit", "sglang_version", "hardware")}
         return folder
 
     def _open(self, path: Path, name: str, spec_hash: str, records: list[dict]) -> None:

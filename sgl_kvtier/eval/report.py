@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sgl_kvtier.eval.gates import gate_name
+from sgl_kvtier.eval.paired import POOLS, pool_of
 
 __all__ = ["summarise", "summarise_scores", "markdown", "plot_ttft", "plot_scores"]
 
@@ -35,36 +36,43 @@ def _median(rows: list[dict], name: str) -> float:
 
 
 def summarise_scores(records: list[dict]) -> dict[tuple[str, str, int], dict]:
-    """Mean RULER score per (server, task, length), plus the task mean as task ``"mean"``."""
+    """Mean RULER score per (server, task, length), plus the task means as tasks ``"mean"``
+    (tasks asked as usual) and ``"mean:decode"`` (question forced through decode)."""
     groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in records:
         if r.get("workload") == "ruler":
             groups[(r["server"], r["task"], r["length"])].append(r["score"])
     out = {k: {"score": statistics.fmean(v), "n": len(v)} for k, v in sorted(groups.items())}
-    per_length: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for (server, _, length), row in out.items():
-        per_length[(server, length)].append(row["score"])
-    for (server, length), values in per_length.items():
-        out[(server, "mean", length)] = {"score": statistics.fmean(values), "n": len(values)}
+    per_length: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for (server, task, length), row in out.items():
+        per_length[(server, pool_of(task), length)].append(row["score"])
+    for key, values in per_length.items():
+        out[key] = {"score": statistics.fmean(values), "n": len(values)}
     return out
 
 
 def _score_table(scores: dict[tuple[str, str, int], dict]) -> list[str]:
     columns = sorted({(server, length) for server, _, length in scores})
-    tasks = sorted({task for _, task, _ in scores} - {"mean"}) + ["mean"]
+    tasks = _rows({task for _, task, _ in scores})
     lines = ["| task | " + " | ".join(f"{s} @{n}" for s, n in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for task in tasks:
         cells = [scores.get((s, task, n)) for s, n in columns]
         lines.append(f"| {task} | " + " | ".join(
-            "—" if c is None else f"{c['score']:.1f}" + ("" if task == "mean" else f" (n={c['n']})")
+            "—" if c is None else f"{c['score']:.1f}" + ("" if task in POOLS else f" (n={c['n']})")
             for c in cells) + " |")
     return lines
 
 
+def _rows(tasks: set[str]) -> list[str]:
+    """The tasks, those asked as usual first, then the pooled rows present."""
+    return (sorted(tasks - set(POOLS), key=lambda t: (pool_of(t), t))
+            + [p for p in POOLS if p in tasks])
+
+
 def _paired_table(paired: dict[tuple[str, str, int], dict]) -> list[str]:
     columns = sorted({(server, length) for server, _, length in paired})
-    tasks = sorted({task for _, task, _ in paired} - {"mean"}) + ["mean"]
+    tasks = _rows({task for _, task, _ in paired})
     lines = ["| task | " + " | ".join(f"{s} @{n}" for s, n in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for task in tasks:
@@ -150,7 +158,9 @@ def markdown(title: str, summary: dict[Key, dict], verdicts: list[dict], tags: d
     if paired:
         lines += ["", f"RULER score difference against {reference}, paired sample by sample: "
                   "mean [95 % interval] (reference's mean score; **below**: the whole "
-                  "interval is below zero):", "", *_paired_table(paired)]
+                  "interval is below zero; `mean` pools the tasks asked as usual, "
+                  "`mean:decode` those with the question forced through decode):", "",
+                  *_paired_table(paired)]
     if agreed:
         lines += ["", "Agreement with the reference server (teacher-forced next-token "
                   "distributions; greedy continuations):", "", *_agreement_table(agreed)]
@@ -204,8 +214,9 @@ def plot_scores(scores: dict[tuple[str, str, int], dict], path: Path, title: str
     """Mean RULER score against context length, one line per server configuration."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for (server, task, length), row in scores.items():
-        if task == "mean":
-            series[server].append((length, row["score"]))
+        if task in POOLS:
+            label = server if task == "mean" else f"{server}, question in decode"
+            series[label].append((length, row["score"]))
     if not series:
         return None
     import matplotlib

@@ -23,7 +23,7 @@ from sgl_kvtier.eval import accuracy, agreement, decode_agreement, latency, repo
 from sgl_kvtier.eval.gates import check_gates
 from sgl_kvtier.eval.paired import paired_differences
 from sgl_kvtier.eval.records import RunFolder
-from sgl_kvtier.eval.spec import RunSpec, ServerSpec
+from sgl_kvtier.eval.spec import RunSpec, ServerSpec, load_spec
 from sgl_kvtier.harness.prompts import load_tokenizer
 from sgl_kvtier.harness.resolve import resolve_model
 from sgl_kvtier.harness.server import Server, ServerError
@@ -208,6 +208,15 @@ def _server_order(spec: RunSpec) -> list[list[ServerSpec]]:
     groups = spec.groups()
     return ([g for g in groups if g[0].name not in refs]
             + [g for g in groups if g[0].name in refs])
+
+
+def report_folder(path: Path) -> tuple[RunFolder, list[dict]]:
+    """Write run folder ``path``'s summary.md and plots again from its records and its
+    spec.yaml with this checkout's report code (no server is started): a finished run's
+    tables as the report now lays them out. Gates are judged only if the run is complete."""
+    folder = RunFolder.read(path)
+    spec = load_spec(Path(path) / "spec.yaml")
+    return folder, _report(spec, folder, (Path(path) / "COMPLETE").exists())
 
 
 def _report(spec: RunSpec, folder: RunFolder, complete: bool) -> list[dict]:

@@ -96,6 +96,9 @@ class RulerWorkload(_Strict):
     tasks: list[str] = Field(min_length=1)
     lengths: list[int] = Field(min_length=1)
     num_samples: int = Field(10, gt=0)
+    indices: list[int] | None = Field(None, min_length=1, description=(
+        "score only these samples of the num_samples (0-based): a second look at chosen "
+        "samples of a larger run with the same seed, which are the same prompts"))
     max_new_tokens: int | None = Field(None, gt=0, description="default: RULER's per task")
     reference: str | None = Field(None, description=(
         "server the others are compared with sample by sample: the paired difference of "
@@ -119,6 +122,10 @@ class RulerWorkload(_Strict):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown RULER task {unknown[0]!r}; known: {', '.join(TASKS)}")
+        if self.indices and (out := [i for i in self.indices
+                                     if not 0 <= i < self.num_samples]):
+            raise ValueError(f"indices: {out[0]} is not a sample index below num_samples "
+                             f"({self.num_samples})")
         if self.question_in_decode and (other := [t for t in self.tasks
                                                   if not t.startswith("niah")]):
             raise ValueError(f"question_in_decode takes niah tasks only; got {other[0]!r}")
@@ -248,7 +255,7 @@ class RunSpec(_Strict):
                                  f"{decode.reference!r}, which is not scored against itself")
             if isinstance(gate, ScoreGate):
                 tasks = {t for w in self.workloads if w.kind == "ruler" for t in w.tasks}
-                if gate.task != "mean" and gate.task not in tasks:
+                if gate.task not in ("mean", "mean:decode") and gate.task not in tasks:
                     raise ValueError(f"score gate on task {gate.task!r}, which no ruler "
                                      f"workload runs")
 

@@ -40,6 +40,11 @@ class SparsePlan:
     outlier_chunks: int
 
     @property
+    def exact_keys(self) -> bool:
+        """The middle's keys are held exact (``keys: exact``), not as low-rank factors."""
+        return self.rank == 0
+
+    @property
     def middle(self) -> int:
         return self.chunks * self.chunk
 

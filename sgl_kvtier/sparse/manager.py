@@ -225,9 +225,9 @@ class SparseManager:
 
     def state_host_bytes(self, plan: SparsePlan) -> int:
         """Host bytes of a new prompt state under ``plan``: the middle's values, and its
-        keys too with exact keys (``plan.rank == 0``)."""
+        keys too with exact keys (``plan.exact_keys``)."""
         layers, heads, head_dim = self.shape
-        per_token = heads * head_dim * self.dtype.itemsize * (1 if plan.rank else 2)
+        per_token = heads * head_dim * self.dtype.itemsize * (2 if plan.exact_keys else 1)
         return layers * plan.middle * per_token
 
     def _host_room(self, rid: str, plan: SparsePlan) -> bool:

@@ -11,7 +11,7 @@ layer:
   KV head (mean post-RoPE key); the outlier chunks' K/V, dense;
 - off the device (host memory): the middle's values, one contiguous row per chunk and head.
 
-With ``keys: exact`` (``plan.rank == 0``) the middle's post-RoPE keys are kept off the
+With ``keys: exact`` (``plan.exact_keys``) the middle's post-RoPE keys are kept off the
 device beside the values, in the same layout, instead of the factors.
 
 The KV heads of the layer named in ``sparse.exact_score_heads`` also keep their middle's
@@ -138,11 +138,11 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
     s, m, c = plan.sink, plan.middle, plan.chunk
     h, d = k.shape[1], k.shape[2]
     k_mid, v_mid = k[s:s + m], v[s:s + m]
-    if plan.rank:
+    if plan.exact_keys:  # no factors (shapes kept, so H reads the same everywhere)
+        u, sv = k.new_zeros(m, 0, dtype=torch.float32), k.new_zeros(h, 0, d, dtype=torch.float32)
+    else:
         positions = torch.arange(s, s + m, device=k.device)
         u, sv = low_rank_keys(rotary.invert(k_mid, positions), plan.rank)
-    else:  # exact keys: no factors (shapes kept, so H reads the same everywhere)
-        u, sv = k.new_zeros(m, 0, dtype=torch.float32), k.new_zeros(h, 0, d, dtype=torch.float32)
     chunks = k_mid.float().view(plan.chunks, c, h, d)
     landmarks = chunks.mean(1).transpose(0, 1)  # [H, N, D]
     ids = outlier_chunks(chunks, plan.outlier_chunks)  # [H, O]
@@ -160,7 +160,7 @@ def build_layer_state(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, rotary
         values=_to_host(values, host), start=s,
         bounds=dev(torch.stack([chunks.amin(1), chunks.amax(1)]).transpose(1, 2))
         if bounds else None,
-        keys=None if plan.rank else _to_host(per_head, host),
+        keys=_to_host(per_head, host) if plan.exact_keys else None,
         **_exact(per_head, exact_heads, device))
 
 

@@ -50,6 +50,20 @@ def test_differences_pair_by_sample_and_pool_tasks_in_the_mean():
     assert "paired sample by sample" in text and "-25.0 [" in text
 
 
+def test_forced_question_tasks_pool_in_their_own_mean():
+    """Two workloads, two means: a forced-question loss does not move the plain mean."""
+    records = [rec("dense", "niah", i, 100) for i in range(4)]
+    records += [rec("sparse", "niah", i, 100) for i in range(4)]
+    records += [rec("dense", "niah:decode", i, 100) for i in range(4)]
+    records += [rec("sparse", "niah:decode", i, 0 if i == 0 else 100) for i in range(4)]
+    out = paired_differences(records, "dense")
+    assert out[("sparse", "mean", 4096)]["diff"] == 0 and out[("sparse", "mean", 4096)]["n"] == 4
+    assert out[("sparse", "mean:decode", 4096)]["diff"] == -25
+    text = markdown("t", {}, [], TAGS, True, paired=out, reference="dense")
+    rows = [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[-2:] == ["| mean", "| mean:decode"]
+
+
 def test_an_interval_wholly_below_zero_is_marked():
     records = [rec("dense", "niah", i, 100) for i in range(6)]
     records += [rec("sparse", "niah", i, 0 if i < 5 else 100) for i in range(6)]

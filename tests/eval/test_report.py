@@ -69,6 +69,11 @@ def test_ruler_scores_table_and_plot(tmp_path):
     text = markdown("t", {}, [], TAGS, True, scores)
     assert "| vt | 75.0 (n=2) | 100.0 (n=1) |" in text and "| mean | 37.5 | 100.0 |" in text
     assert plot_scores(scores, tmp_path / "s.png", "t").read_bytes()[:4] == b"\x89PNG"
+    forced = summarise_scores(records + [r("a", "vt:decode", 512, 10.0)])
+    assert forced[("a", "mean", 512)]["score"] == 37.5  # the plain tasks only
+    assert forced[("a", "mean:decode", 512)] == {"score": 10.0, "n": 1}
+    only_forced = summarise_scores([r("a", "vt:decode", 512, 10.0)])
+    assert plot_scores(only_forced, tmp_path / "f.png", "t") is not None
 
 
 def test_score_and_agreement_gates():
@@ -111,3 +116,54 @@ def test_latency_gate_against_another_phase():
     assert v_near["passed"] and abs(v_near["value"] - 1.2) < 1e-9
     assert not v_faster["passed"] and abs(v_faster["value"] - 0.1) < 1e-9
     assert "ttft_s restart @512: t / t repeat" in markdown("t", s, [v_near], TAGS, True)
+
+
+REPORT_SPEC = """name: again
+model: smollm2
+servers:
+  - {name: a, args: [--enable-kvtier], kvtier: {}}
+  - {name: b, host: a, request_params: {kvtier_sparse: false}}
+workloads:
+  - {kind: ruler, reference: a, tasks: [vt], lengths: [512], num_samples: 2}
+gates:
+  - {metric: score, server: b, baseline: a, task: vt, length: 512, max_drop: 10}
+"""
+
+
+def _folder(tmp_path, complete: bool):
+    import json
+
+    folder = tmp_path / ("done" if complete else "partial")
+    folder.mkdir()
+    (folder / "spec.yaml").write_text(REPORT_SPEC)
+    tags = {"run": "again", "config_hash": "c0ffee", "git_commit": "abc",
+            "sglang_version": "0.5.23", "hardware": "cpu x2"}
+    records = [{"workload": "ruler", "server": s, "task": t, "length": 512, "index": i,
+                "score": score, **tags}
+               for s, t, i, score in [("a", "vt", 0, 100.0), ("b", "vt", 0, 0.0),
+                                      ("a", "vt:decode", 0, 100.0), ("b", "vt:decode", 0, 100.0)]]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records)
+                                          + '{"cut sh')  # a killed run's last line
+    if complete:
+        (folder / "COMPLETE").write_text("c0ffee\n")
+    return folder
+
+
+def test_report_rewrites_a_folder_from_its_records(tmp_path, capsys):
+    """``report FOLDER``: today's tables from the records, nothing added, gates judged only
+    for a complete run."""
+    from sgl_kvtier.eval.__main__ import main
+
+    done = _folder(tmp_path, complete=True)
+    before = (done / "records.jsonl").read_text()
+    assert main(["report", str(done)]) == 1  # the score gate fails: b is 100 points below a
+    summary = (done / "summary.md").read_text()
+    assert "run file c0ffee" in summary and "FAIL" in summary
+    assert "| mean:decode | +0.0 [+0.0, +0.0] (ref 100, n=1) |" in summary
+    assert "| mean | -100.0 [-100.0, -100.0] **below** (ref 100, n=1) |" in summary
+    assert (done / "score.png").is_file() and (done / "records.jsonl").read_text() == before
+    capsys.readouterr()
+    partial = _folder(tmp_path, complete=False)
+    assert main(["report", str(partial)]) == 0 and "FAIL" not in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
+    assert "not a run folder" in capsys.readouterr().err

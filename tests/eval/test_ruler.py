@@ -3,9 +3,11 @@ scored like RULER."""
 
 import pytest
 
+from sgl_kvtier.eval.accuracy import sample_keys, steps
 from sgl_kvtier.eval.ruler import TASKS, generate
 from sgl_kvtier.eval.ruler.data import split_sentences
 from sgl_kvtier.eval.ruler.scoring import string_match_all, string_match_part
+from sgl_kvtier.eval.spec import RulerWorkload
 from sgl_kvtier.harness.prompts import load_tokenizer
 
 MAX_LEN = 1024
@@ -41,6 +43,26 @@ def test_same_seed_same_samples_other_seed_other_samples(task, count):
     a = generate(task, count, MAX_LEN, num_samples=2, seed=1)
     assert a == generate(task, count, MAX_LEN, num_samples=2, seed=1)
     assert a[0].prompt != generate(task, count, MAX_LEN, num_samples=1, seed=2)[0].prompt
+
+
+@pytest.mark.parametrize("task", ["niah_multikey_1", "fwe"])
+def test_a_sample_does_not_depend_on_how_many_are_drawn(task, count):
+    """What ``indices`` rests on: sample i of a 2-sample run is sample i of a 4-sample one,
+    so a second look at chosen samples asks the very prompts the larger run asked."""
+    assert generate(task, count, MAX_LEN, num_samples=4, seed=3)[1] == \
+        generate(task, count, MAX_LEN, num_samples=2, seed=3)[1]
+
+
+def test_indices_choose_the_samples_scored():
+    work = RulerWorkload(kind="ruler", tasks=["vt", "qa_1"], lengths=[512, 1024],
+                         num_samples=7, indices=[6, 2])
+    assert sample_keys(work) == {(t, n, i) for t in ("vt", "qa_1") for n in (512, 1024)
+                                 for i in (2, 6)}
+    assert steps(work) == 2 * 2 * 2 + 1
+    decode = work.model_copy(update={"tasks": ["niah_single_2"], "question_in_decode": True,
+                                     "indices": None})
+    assert {i for _, _, i in sample_keys(decode)} == set(range(7))
+    assert {t for t, _, _ in sample_keys(decode)} == {"niah_single_2:decode"}
 
 
 def test_multiquery_asks_for_every_value_of_four_keys(count):

@@ -52,6 +52,9 @@ def test_good_file_parses_and_hash_is_stable(tmp_path):
     (("kind: latency", "kind: ruler"), "workloads.0.tasks: Field required"),
     (("{kind: latency, lengths: [64]}", "{kind: ruler, tasks: [cwe], lengths: [64]}"),
      "unknown RULER task 'cwe'"),
+    (("{kind: latency, lengths: [64]}", "{kind: ruler, tasks: [vt], lengths: [64], "
+                                        "num_samples: 3, indices: [0, 3]}"),
+     "indices: 3 is not a sample index below num_samples (3)"),
     (("baseline: a", "baseline: c"), "gate 0 names server 'c'"),
     (("metric: ttft_s", "metric: speed"), "gates.0: unknown gate metric"),
     (("phase: repeat", "phase: warm"), "gates.0.phase: Input should be"),

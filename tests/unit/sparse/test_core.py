@@ -109,6 +109,9 @@ def test_plan_is_relative_with_floors_and_caps():
     assert big.rank == 256 and big.selected == 2048  # capped
     tiny = plan_for(config, 600, 3, 64)
     assert tiny.selected == 64  # the floor
+    assert not small.exact_keys
+    exact = plan_for(config.model_copy(update={"keys": "exact"}), 4096, 3, 64)
+    assert exact.exact_keys and exact.rank == 0
 
 
 def test_workspace_allocator_reuses_and_coalesces():

@@ -15,6 +15,8 @@ layer's state built by the server's code with a CPU server's defaults (exact key
 
     .venv/bin/python docs/results/sparse-ruler/needle-heads/needle_heads.py \
         docs/results/sparse-ruler/sparse_ruler-20261205-121709/records.jsonl niah_single_2:8
+
+A sample of another length is named ``task:index@8192``.
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ def chosen_by(rule: str, q: torch.Tensor, state, k: int, scale: float) -> torch.
     return per_head_union(logits * scale, able, k) | ~able
 
 
-def sample_run(model, tok, records: list[dict], task: str, index: int):
+def sample_run(model, tok, records: list[dict], task: str, index: int, length: int = 4096):
     """The prompt's tokens with dense's answer after them, the needle's positions, dense's
     record, and the number of prompt tokens; every layer's q, k, v captured."""
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-    sample = generate(task, count, 4096, index + 1, 42, 48)[index]
+    sample = generate(task, count, length, index + 1, 42, 48)[index]
     rec = {r["server"]: r for r in records if r.get("task") == task and r.get("index") == index
-           and r.get("length") == 4096 and "prediction" in r
+           and r.get("length") == length and "prediction" in r
            and not r.get("question_in_decode")}
     enc = tok(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
     assert len(enc["input_ids"]) == rec["dense"]["prompt_tokens"], "not the run's prompt"
@@ -133,8 +135,11 @@ def needle_heads(q, on, chunk, state, layer: int, g: int, scale: float) -> list[
 def main(argv: list[str]) -> None:
     records = [json.loads(line) for line in open(argv[0])]
     model, tok, rotary = load_with_attention("kvtier_capture", capture)
-    for task, index in (a.split(":") for a in argv[1:]):
-        answer, needle, rec, n0 = sample_run(model, tok, records, task, int(index))
+    for arg in argv[1:]:  # task:index or task:index@length
+        name, _, length = arg.partition("@")
+        task, index = name.split(":")
+        answer, needle, rec, n0 = sample_run(model, tok, records, task, int(index),
+                                             int(length or 4096))
         kept, seen, heads = measure(answer, needle, n0, rotary)
         print(f"\n{task} #{index}: dense {rec['dense']['prediction'][:24]!r} "
               f"(score {rec['dense']['score']:.0f}), sparse_6 "
