@@ -211,12 +211,12 @@ def plot_ttft(summary: dict[Key, dict], path: Path, title: str) -> Path | None:
 
 
 def plot_scores(scores: dict[tuple[str, str, int], dict], path: Path, title: str) -> Path | None:
-    """Mean RULER score against context length, one line per server configuration."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    """Mean RULER score against context length, one colour per server configuration: a solid
+    line for the tasks asked as usual, dashed for the question forced through decode."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for (server, task, length), row in scores.items():
         if task in POOLS:
-            label = server if task == "mean" else f"{server}, question in decode"
-            series[label].append((length, row["score"]))
+            series[(server, task)].append((length, row["score"]))
     if not series:
         return None
     import matplotlib
@@ -224,13 +224,17 @@ def plot_scores(scores: dict[tuple[str, str, int], dict], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = {server: f"C{i}" for i, server in enumerate(sorted({s for s, _ in series}))}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (server, points) in enumerate(sorted(series.items())):
+    for (server, pool), points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", color=f"C{i}", label=server)
+        decode = pool == "mean:decode"
+        ax.plot(xs, ys, marker="o", color=colour[server], linestyle="--" if decode else "-",
+                label=f"{server}, question in decode" if decode else server)
     ax.set(xlabel="context length (tokens)", ylabel="mean score over tasks", title=title,
            ylim=(0, 100), xscale="log", xticks=sorted({x for p in series.values() for x, _ in p}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the lengths run
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
