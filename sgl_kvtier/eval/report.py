@@ -70,6 +70,15 @@ def _rows(tasks: set[str]) -> list[str]:
             + [p for p in POOLS if p in tasks])
 
 
+def _paired_cell(c: dict) -> str:
+    """``diff [low, high] (ref, n)``; one pair has no interval, so none is shown for it."""
+    if c["n"] < 2:
+        return f"{c['diff']:+.1f}, one pair, no interval (ref {c['reference_score']:.0f})"
+    low = " **below**" if c["high"] < 0 else ""
+    return (f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]{low} "
+            f"(ref {c['reference_score']:.0f}, n={c['n']})")
+
+
 def _paired_table(paired: dict[tuple[str, str, int], dict]) -> list[str]:
     columns = sorted({(server, length) for server, _, length in paired})
     tasks = _rows({task for _, task, _ in paired})
@@ -79,10 +88,7 @@ def _paired_table(paired: dict[tuple[str, str, int], dict]) -> list[str]:
         cells = []
         for s, n in columns:
             c = paired.get((s, task, n))
-            low = "" if c is None or c["high"] >= 0 else " **below**"
-            cells.append("—" if c is None else
-                         f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]{low} "
-                         f"(ref {c['reference_score']:.0f}, n={c['n']})")
+            cells.append("—" if c is None else _paired_cell(c))
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return lines
 

@@ -159,8 +159,8 @@ def test_report_rewrites_a_folder_from_its_records(tmp_path, capsys):
     assert main(["report", str(done)]) == 1  # the score gate fails: b is 100 points below a
     summary = (done / "summary.md").read_text()
     assert "run file c0ffee" in summary and "FAIL" in summary
-    assert "| mean:decode | +0.0 [+0.0, +0.0] (ref 100, n=1) |" in summary
-    assert "| mean | -100.0 [-100.0, -100.0] **below** (ref 100, n=1) |" in summary
+    assert "| mean:decode | +0.0, one pair, no interval (ref 100) |" in summary
+    assert "| vt | -100.0, one pair, no interval (ref 100) |" in summary  # not **below**
     assert (done / "score.png").is_file() and (done / "records.jsonl").read_text() == before
     capsys.readouterr()
     partial = _folder(tmp_path, complete=False)
