@@ -23,17 +23,17 @@ _registered: list[str] = []
 
 
 def _hooks(enabled: bool) -> list[tuple]:
-    from sgl_kvtier.patches import cli
+    from sgl_kvtier.patches import cli, request_params
 
     if not enabled:
         return list(cli.HOOKS)
-    if _state.is_launcher():
-        return list(cli.HOOKS)
+    if _state.is_launcher():  # it receives the requests: their options are checked here
+        return list(cli.HOOKS) + list(request_params.HOOKS)
     # The scheduler module costs seconds to import; only its own process needs it.
     from sgl_kvtier.patches import scheduler_state, sparse_cache, tier_loads
 
-    return (list(cli.HOOKS) + list(scheduler_state.HOOKS) + list(tier_loads.HOOKS)
-            + list(sparse_cache.HOOKS))
+    return (list(cli.HOOKS) + list(request_params.HOOKS) + list(scheduler_state.HOOKS)
+            + list(tier_loads.HOOKS) + list(sparse_cache.HOOKS))
 
 
 def register() -> None:

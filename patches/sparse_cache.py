@@ -30,6 +30,7 @@ import logging
 from sglang.srt.plugins.hook_registry import HookType
 
 from sgl_kvtier.patches.sparse_bridge import bridge
+from sgl_kvtier.request_options import valid_budget
 from sgl_kvtier.tier.service import namespace_of
 
 __all__ = ["SparseRelease", "wants_sparse", "budget_of", "HOOKS"]
@@ -55,13 +56,15 @@ def budget_of(req) -> float | None:
     """``sampling_params.custom_params.kvtier_sparse_budget``: this request's share of the
     context selected per step, in place of ``sparse.budget_fraction`` (the floor and cap
     still apply). Evaluations send one prompt at several budgets to one server, which
-    prefills it once and builds its state once. ``None``: the server's setting; a value
-    outside (0, 1] is ignored, with a warning the first time."""
+    prefills it once and builds its state once. ``None``: the server's setting. A malformed
+    value is refused with the request (``patches/request_params.py``); one that reaches
+    here anyway (a request not built by the tokenizer manager) is ignored, with a warning
+    the first time."""
     global _warned_budget
     value = _custom_param(req, "kvtier_sparse_budget")
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+    if valid_budget(value):
         return float(value)
     if not _warned_budget:
         _warned_budget = True
