@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sgl_kvtier.config import ConfigError, config_from_dict
 from sgl_kvtier.eval.gates import AgreementGate, DecodeGate, Gate, ScoreGate
+from sgl_kvtier.request_options import option_error
 
 __all__ = ["RunSpec", "ServerSpec", "LatencyWorkload", "RulerWorkload", "AgreementWorkload",
            "DecodeAgreementWorkload", "load_spec"]
@@ -59,6 +60,8 @@ class ServerSpec(_Strict):
         if self.host is not None and (self.args or self.kvtier is not None):
             raise ValueError(f"server {self.name} runs on {self.host}'s server: it takes no "
                              f"args or kvtier of its own")
+        if (why := option_error(self.request_params)) is not None:
+            raise ValueError(f"server {self.name}: request_params: {why}")
         taken = {"--port", "--host", "--model-path", "--kvtier-config"} & set(self.args)
         if taken:
             raise ValueError(f"{sorted(taken)[0]} is set by the runner; remove it from args")

@@ -129,6 +129,8 @@ def test_entries_on_another_entrys_server_group_with_it(tmp_path):
      "only RULER workloads do; this run file has latency"),
     (("request_params: {kvtier_sparse: false}", "request_params: [1]"),
      "servers.1.request_params"),
+    (("{kvtier_sparse_budget: 0.03}", "{kvtier_sparse_budget: 3}"),
+     "server narrow: request_params: custom_params.kvtier_sparse_budget must be a number"),
 ])
 def test_hosted_entry_mistakes_name_the_key(tmp_path, change, fragment):
     assert fragment in error_for(tmp_path, HOSTED.replace(*change))
