@@ -1,7 +1,8 @@
 """The attention-backend side of sparse decode (CPU path of the ``kvtier`` backend).
 
 A mixin for :class:`KVTierAttnBackend`. Per decode batch (``init_forward_metadata``) it
-converts the requests the tree made eligible, copying their prompt's KV out of the pool
+converts the requests the tree made eligible once their first dense answer tokens are out
+(``sparse.dense_answer_tokens``), copying their prompt's KV out of the pool
 into the sparse state, and plans one :class:`SparseStep` for the batch's sparse rows. Per
 layer it attends those rows over ``[sink | outliers | local | selected]`` (the step) and
 over their decode tokens in the pool (``row[boundary:seq_len]``), merged; dense rows take
@@ -51,9 +52,10 @@ class SparseDecode:
         manager = SparseManager(config, rotary, layers, heads, head_dim, slots, k0.dtype,
                                 k0.device, attend, ops)
         install_bridge(manager)
-        log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens: %s keys, chunks "
-                 "of %d tokens, kernel %s (scores and gathers: %s), workspace %d slots "
-                 "(%.0f MiB), %d KV heads scored from exact keys", config.min_context_tokens,
+        log.info("sgl_kvtier: sparse decode on for contexts of %d+ tokens after %d dense "
+                 "answer tokens: %s keys, chunks of %d tokens, kernel %s (scores and gathers: "
+                 "%s), workspace %d slots (%.0f MiB), %d KV heads scored from exact keys",
+                 config.min_context_tokens, config.dense_answer_tokens,
                  manager.config.keys, manager.config.chunk_tokens, name, ops.name, slots,
                  manager.workspace.nbytes() / 2**20,
                  sum(map(len, manager.exact_heads.values())))

@@ -7,10 +7,12 @@ pool rows). The order of a request's life:
 1. ``eligible``: the tree checkpointed the request's whole prompt (``boundary`` tokens, all
    now the tree's, locked by the request).
 2. ``converted``: the backend copied the prompt's KV out of the pool into the sparse state
-   and decodes it sparsely from then on. That happens at the request's second decode step
-   (``convert_at``), never its first: under the overlap scheduler the first decode step may
-   run before or after the tree's offer (two threads), and a request's output must not
-   depend on which came first. The first step reads the prompt where it still is, exactly.
+   and decodes it sparsely from then on. That happens once the request's first
+   ``sparse.dense_answer_tokens`` answer tokens are out (``convert_at``), at its second
+   decode step at the earliest, never its first: under the overlap scheduler the first
+   decode step may run before or after the tree's offer (two threads), and a request's
+   output must not depend on which came first. The dense steps read the prompt where it
+   still is, exactly.
 3. ``released``: after the batch, the tree dropped the request's lock on the prompt: it is
    evictable (and, with the NVMe tier, reusable from disk); the request never reads those
    slots again.
@@ -32,8 +34,8 @@ class Eligible:
     boundary: int
     scope: str = ""  # the tenant (extra key, cache salt): states are shared within one
     budget: float | None = None  # the request's budget fraction; None: the server's
-    convert_at: int = 0  # the sequence length (prompt + 2: the second decode step) from
-    # which the backend converts
+    convert_at: int = 0  # the sequence length (prompt + dense answer tokens, at least 2:
+    # the second decode step) from which the backend converts
 
 
 class SparseBridge:

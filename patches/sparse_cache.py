@@ -6,7 +6,8 @@ request's row into the tree and re-locks the request's node; ``release_kv_cache`
 again when the request ends, then frees ``[cache_protected_len, owned)`` and unlocks.
 
 - ``checkpoint`` of a whole prompt (not finished, long enough, not opted out) makes the
-  request eligible; at its second decode step the backend copies the prompt out.
+  request eligible; once its first ``sparse.dense_answer_tokens`` answer tokens are out
+  (computed with full attention), the backend copies the prompt out.
 - ``flush_pending_backups`` (after every batch) releases converted requests: their lock on
   the prompt is dropped once, and their row's prompt entries are zeroed (slot 0 is SGLang's
   padding slot, never allocated), so a stale slot id can never be read or inserted.
@@ -30,10 +31,10 @@ import logging
 from sglang.srt.plugins.hook_registry import HookType
 
 from sgl_kvtier.patches.sparse_bridge import bridge
-from sgl_kvtier.request_options import valid_budget
+from sgl_kvtier.request_options import valid_budget, valid_dense_tokens
 from sgl_kvtier.tier.service import namespace_of
 
-__all__ = ["SparseRelease", "wants_sparse", "budget_of", "HOOKS"]
+__all__ = ["SparseRelease", "wants_sparse", "budget_of", "dense_tokens_of", "HOOKS"]
 
 log = logging.getLogger("sgl_kvtier")
 
@@ -49,7 +50,15 @@ def _custom_param(req, key: str):
     return params.get(key) if isinstance(params, dict) else None
 
 
-_warned_budget = False
+_warned: set[str] = set()
+
+
+def _warn_once(req, key: str, expected: str, value, setting: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("sgl_kvtier: sparse decode: request %s: custom_params.%s must be %s, "
+                    "got %r; the server's sparse.%s applies (said once)", req.rid, key,
+                    expected, value, setting)
 
 
 def budget_of(req) -> float | None:
@@ -60,18 +69,28 @@ def budget_of(req) -> float | None:
     value is refused with the request (``patches/request_params.py``); one that reaches
     here anyway (a request not built by the tokenizer manager) is ignored, with a warning
     the first time."""
-    global _warned_budget
     value = _custom_param(req, "kvtier_sparse_budget")
     if value is None:
         return None
     if valid_budget(value):
         return float(value)
-    if not _warned_budget:
-        _warned_budget = True
-        log.warning("sgl_kvtier: sparse decode: request %s: custom_params.kvtier_sparse_budget "
-                    "must be a number in (0, 1], got %r; the server's sparse.budget_fraction "
-                    "applies (said once)", req.rid, value)
+    _warn_once(req, "kvtier_sparse_budget", "a number in (0, 1]", value, "budget_fraction")
     return None
+
+
+def dense_tokens_of(req, default: int) -> int:
+    """``sampling_params.custom_params.kvtier_sparse_dense_tokens``: how many of this
+    request's first answer tokens are computed with full attention, in place of
+    ``sparse.dense_answer_tokens`` (``default``); malformed: ``default``, as
+    :func:`budget_of`."""
+    value = _custom_param(req, "kvtier_sparse_dense_tokens")
+    if value is None:
+        return default
+    if valid_dense_tokens(value):
+        return value
+    _warn_once(req, "kvtier_sparse_dense_tokens", "an integer of at least 2", value,
+               "dense_answer_tokens")
+    return default
 
 
 class SparseRelease:
@@ -104,9 +123,12 @@ class SparseRelease:
         if up_to >= len(req.origin_input_ids) and link.manager.wants(boundary):
             tokens = tuple(req.full_untruncated_fill_ids[:boundary])
             self._sparse_reqs[req.rid] = req
+            # The first answer token comes from the prefill, token n from the decode
+            # step at sequence length prompt + n - 1: sparse from token n + 1.
+            dense = dense_tokens_of(req, link.manager.config.dense_answer_tokens)
             link.offer(req.rid, tokens, boundary,
                        namespace_of(req.extra_key, getattr(req, "cache_salt", None)),
-                       budget_of(req), convert_at=len(req.origin_input_ids) + 2)
+                       budget_of(req), convert_at=len(req.origin_input_ids) + dense)
 
     def flush_pending_backups(self) -> None:
         super().flush_pending_backups()

@@ -31,7 +31,7 @@ DENSE = {"custom_params": {"kvtier_sparse": False}}
 # tokens x 3 heads x 64 x 4 bytes), not two.
 EXACT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n  budget_fraction: 1.0\n"
          "  budget_max_tokens: 100000\n  keys: lowrank\n  rank_fraction: 1.0\n"
-         "  host_memory: 55MiB\n")
+         "  host_memory: 55MiB\n  dense_answer_tokens: 3\n")
 # The three copy heads eval/retrieval_heads.py names for the embedded model.
 TIGHT = ("sparse:\n  enabled: true\n  min_context_tokens: 1024\n"
          "  exact_score_heads: [[7, 2], [17, 1], [18, 2]]\n")
@@ -240,7 +240,9 @@ def test_a_request_chooses_its_budget_and_shares_the_state(tight, tok):
     assert seen[-1]["shared_state_hits"] - seen[0]["shared_state_hits"] == 1  # built once
     for params, fragment in (({"kvtier_sparse_budget": 7}, "kvtier_sparse_budget must be"),
                              ({"kvtier_sparse_budget": "wide"}, "got 'wide'"),
-                             ({"kvtier_sparse": "no"}, "kvtier_sparse must be true or false")):
+                             ({"kvtier_sparse": "no"}, "kvtier_sparse must be true or false"),
+                             ({"kvtier_sparse_dense_tokens": 1},
+                              "kvtier_sparse_dense_tokens must be an integer of at least 2")):
         resp = requests.post(f"{tight.url}/generate", timeout=60, json={
             "input_ids": prompt, "sampling_params": {"max_new_tokens": 4,
                                                      "custom_params": params}})
@@ -251,21 +253,25 @@ def test_a_request_chooses_its_budget_and_shares_the_state(tight, tok):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_a_request_goes_sparse_at_its_second_decode_step(overlap, tight, exact, tok):
-    """Under the overlap scheduler the tree's offer may land before or after a request's
-    first decode step; converting at the second, always, keeps outputs independent of that
-    race. n output tokens: the prefill gives one, the first decode step is dense, n - 2
-    steps are sparse, for every request, with the overlap scheduler (``tight``) and without
-    it (``exact``: there the offer is always in time for the first step, so a conversion
-    at that step would show as n - 1)."""
-    server = tight if overlap else exact
-    for i in range(3):
+def test_a_request_goes_sparse_after_its_dense_answer_tokens(overlap, tight, exact, tok):
+    """n output tokens, the first d dense: the prefill gives one, d - 1 decode steps are
+    dense, n - d sparse; d is the server's sparse.dense_answer_tokens (``tight``: the
+    default 2, ``exact``: 3) or the request's kvtier_sparse_dense_tokens. Under the
+    overlap scheduler (``tight``) the tree's offer may land before or after a request's
+    first decode step; converting at the second at the earliest keeps outputs independent
+    of that race. Without it (``exact``) the offer is always in time for the first step,
+    so a conversion there would show as n - 1 sparse steps at d = 2."""
+    server, default = (tight, 2) if overlap else (exact, 3)
+    for i, dense in enumerate((None, 2, 5, 8)):
+        params = {} if dense is None else {"kvtier_sparse_dense_tokens": dense}
         before = _sparse(server)
         server.generate(token_prompt(tok, 2048, offset=401_000 + 5_003 * i), 8,
-                        ignore_eos=True)
+                        ignore_eos=True, custom_params=params)
         after = _sparse(server)
-        assert after["requests"] - before["requests"] == 1
-        assert after["decode_steps"] - before["decode_steps"] == 8 - 2
+        sparse_steps = 8 - (dense or default)
+        # d = 8: every token is out before a conversion would be due; it never happens.
+        assert after["requests"] - before["requests"] == (sparse_steps > 0), dense
+        assert after["decode_steps"] - before["decode_steps"] == sparse_steps, dense
 
 
 def test_the_named_heads_are_scored_from_their_exact_keys(tight, tok):

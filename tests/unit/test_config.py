@@ -94,6 +94,8 @@ def test_sparse_sizes_are_checked_and_named():
         config_from_dict({"sparse": {"budget_fraction": 1.5}})
     with pytest.raises(ConfigError, match="budget_max_tokens .* is below budget_min_tokens"):
         config_from_dict({"sparse": {"budget_min_tokens": 512, "budget_max_tokens": 256}})
+    with pytest.raises(ConfigError, match="sparse.dense_answer_tokens: .*greater than or equal"):
+        config_from_dict({"sparse": {"dense_answer_tokens": 1}})
     assert config_from_dict({"sparse": {"workspace": "64MiB"}}).sparse.workspace == 64 * 2**20
     assert config_from_dict({"sparse": {"host_memory": "4GiB"}}).sparse.host_memory == 4 * 2**30
     assert config_from_dict({"sparse": {}}).sparse.host_memory is None  # half the machine
