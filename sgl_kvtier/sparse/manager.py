@@ -145,19 +145,11 @@ class SparseManager:
         shared = self._shared.get(key)
         if shared is None and not self._host_room(rid, plan):
             return False
-        kv = [read_layer(layer) for layer in range(self.shape[0])]
+        built, local, exact = self._read_layers(read_layer, plan, build=shared is None)
         if shared is None:
-            bounds = self.config.selection == "bound"
-            shared = _Shared([build_layer_state(k, v, plan, self.rotary, self.device,
-                                                bounds=bounds,
-                                                exact_heads=self.exact_heads.get(layer, ()))
-                              for layer, (k, v) in enumerate(kv)])
+            shared = _Shared(built)
         else:
             self.counters.shared_hits += 1
-        local = [(k[plan.shared:], v[plan.shared:]) for k, v in kv]
-        exact = [(k.transpose(0, 1).to(self.device).contiguous(),
-                  v.transpose(0, 1).to(self.device).contiguous())
-                 for k, v in kv[:self.config.dense_layers]]
         try:
             request = SparseRequest(shared.layers, plan, self.workspace, self.rotary, local,
                                     exact, self.ops)
@@ -175,6 +167,26 @@ class SparseManager:
         c.build_seconds += time.perf_counter() - start
         self._trim()
         return True
+
+    def _read_layers(self, read_layer: ReadLayer, plan: SparsePlan, build: bool) -> tuple:
+        """Per layer: its new state (``build``), the request's own tokens past the shared
+        part, and a dense layer's whole prompt. One layer's prompt KV is read at a time and
+        only copies are kept: all layers at once would be a transient copy of the whole
+        prompt beside the pool (16 GiB at 128k tokens of Llama-3.1-8B shapes)."""
+        bounds = self.config.selection == "bound"
+        built, local, exact = [], [], []
+        for layer in range(self.shape[0]):
+            k, v = read_layer(layer)
+            if build:
+                built.append(build_layer_state(k, v, plan, self.rotary, self.device,
+                                               bounds=bounds,
+                                               exact_heads=self.exact_heads.get(layer, ())))
+            local.append((k[plan.shared:].clone(), v[plan.shared:].clone()))
+            if layer < self.config.dense_layers:
+                exact.append((k.transpose(0, 1).to(self.device).contiguous(),
+                              v.transpose(0, 1).to(self.device).contiguous()))
+            del k, v
+        return built, local, exact
 
     def finish(self, rid: str) -> None:
         """Request ``rid`` ended (or left sparse decode): free its region, unshare."""

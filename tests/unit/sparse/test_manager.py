@@ -1,5 +1,7 @@
 """SparseManager: shared prompt states, workspace accounting, refusals."""
 
+import weakref
+
 import torch
 
 from sgl_kvtier.attention.merge import partial_attention_ref
@@ -136,3 +138,28 @@ def test_dense_layers_attend_the_whole_prompt_exactly_and_the_rest_select():
     step.run(1, q, D ** -0.5)
     assert manager.report()["selected_chunks"] > 0  # layer 1 is sparse
     assert manager.device_bytes() - manager.workspace.nbytes() >= 2 * 600 * H * D * 4
+
+
+def test_a_conversion_holds_one_layer_of_the_prompt_at_a_time():
+    """Reading every layer before building would copy the whole prompt at once beside the
+    pool (16 GiB at 128k tokens of Llama-3.1-8B shapes): each layer's read must be let go
+    before the next, and none is kept once the request is converted (only copies of what
+    it needs), whether its state is built or shared."""
+    layers = 4
+    manager = SparseManager(CONFIG.model_copy(update={"dense_layers": 1}),
+                            Rotary(D, inv_freq(D, 10000.0)), layers, H, D, 8000,
+                            torch.float32, "cpu")
+    reads, held = [], []
+
+    def read(layer):
+        held.extend(ref for ref in reads if ref() is not None)
+        k, v = torch.randn(600, H, D), torch.randn(600, H, D)
+        reads.extend([weakref.ref(k), weakref.ref(v)])
+        return k, v
+
+    doc = list(range(1000, 1600))
+    for rid in ("built", "shared"):
+        assert manager.convert(rid, doc, read)
+        held.extend(ref for ref in reads if ref() is not None)
+        assert not held, f"{len(held)} reads still held"
+    assert len(reads) == 2 * 2 * layers and manager.report()["shared_state_hits"] == 1
