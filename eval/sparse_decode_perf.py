@@ -15,9 +15,9 @@ every ratio comes from one server in one run.
   ``--dense-requests`` distinct 8k prompts at once, dense, then ``--requests`` others,
   sparse; each request's decode interval is taken from its stream, and the most that
   overlap is the capacity. A dense request holds its prompt's slots until it ends; a sparse
-  one lets go of them after its second decode step, so the next queued prompt is admitted
-  while it decodes. The pool tokens a sparse request releases and the host bytes of its
-  state come from ``/get_server_info``.
+  one lets go of them once it converts (at its second decode step by default), so the next
+  queued prompt is admitted while it decodes. The pool tokens a sparse request releases and
+  the host bytes of its state come from ``/get_server_info``.
 
 Either part alone: ``--skip-capacity`` or ``--skip-steps`` (then point ``--out`` elsewhere,
 e.g. ``docs/results/sparse-capacity``).
