@@ -10,12 +10,13 @@ every ratio comes from one server in one run.
 - **Step time**: for each context (4k, 8k) and batch (1, 8), the batch's prompts are
   prefilled once (cached), then decoded ``--decode-tokens`` tokens, dense then sparse, the
   requests sent together; a step's time is the median gap between a stream's tokens after
-  the first ``_SKIP`` (the first steps include the switch to sparse).
+  its dense answer tokens and the step that switches it to sparse
+  (``sparse.dense_answer_tokens`` + 1 tokens left out).
 - **Capacity**: a second server with ``--max-total-tokens --pool-tokens`` gets
   ``--dense-requests`` distinct 8k prompts at once, dense, then ``--requests`` others,
   sparse; each request's decode interval is taken from its stream, and the most that
   overlap is the capacity. A dense request holds its prompt's slots until it ends; a sparse
-  one lets go of them once it converts (at its second decode step by default), so the next
+  one lets go of them once it converts (after its ``sparse.dense_answer_tokens``), so the next
   queued prompt is admitted while it decodes. The pool tokens a sparse request releases and
   the host bytes of its state come from ``/get_server_info``.
 
@@ -48,11 +49,11 @@ from sgl_kvtier.harness.prompts import load_tokenizer, token_prompt
 from sgl_kvtier.harness.server import Server
 
 DENSE = {"custom_params": {"kvtier_sparse": False}}
-_SKIP = 3  # tokens whose gaps are left out: prefill, the dense first step, the switch
 
 
-def _sparse_settings(pairs: list[str]) -> dict:
-    """``["chunk_tokens=4", ...]`` as a validated ``sparse`` section (enabled)."""
+def _sparse_settings(pairs: list[str]) -> tuple[dict, int]:
+    """``["chunk_tokens=4", ...]`` as a validated ``sparse`` section (enabled), and the
+    dense answer tokens it gives a request."""
     settings: dict = {"enabled": True}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -60,10 +61,10 @@ def _sparse_settings(pairs: list[str]) -> dict:
             raise SystemExit(f"--sparse {pair!r}: expected KEY=VALUE")
         settings[key] = yaml.safe_load(value)
     try:
-        config_from_dict({"sparse": settings}, where="--sparse")
+        config = config_from_dict({"sparse": settings}, where="--sparse")
     except ConfigError as e:
         raise SystemExit(str(e)) from None
-    return settings
+    return settings, config.sparse.dense_answer_tokens
 
 
 def _server(folder: Path, name: str, extra: list[str], sparse: dict) -> Server:
@@ -99,24 +100,25 @@ def _together(server: Server, prompts: list[list[int]], tokens: int, sampling: d
     return out
 
 
-def _step_seconds(results: list) -> float:
+def _step_seconds(results: list, skip: int) -> float:
+    """Median gap between a stream's tokens, its first ``skip`` tokens left out."""
     gaps = []
     for _, gen in results:
-        times = gen.token_times[_SKIP:]
+        times = gen.token_times[skip:]
         gaps += [b - a for a, b in zip(times, times[1:])]
     return statistics.median(gaps)
 
 
 def step_times(server: Server, tok, contexts: list[int], batches: list[int],
-               tokens: int) -> list[dict]:
+               tokens: int, skip: int) -> list[dict]:
     rows = []
     for context in contexts:
         for batch in batches:
             prompts = [token_prompt(tok, context, offset=7_919 * (i + 1) + context)
                        for i in range(batch)]
             _together(server, prompts, 1, DENSE)  # prefill once; both runs hit the cache
-            dense = _step_seconds(_together(server, prompts, tokens, DENSE))
-            sparse = _step_seconds(_together(server, prompts, tokens, {}))
+            dense = _step_seconds(_together(server, prompts, tokens, DENSE), skip)
+            sparse = _step_seconds(_together(server, prompts, tokens, {}), skip)
             rows.append({"context": context, "batch": batch, "dense_step_s": dense,
                          "sparse_step_s": sparse, "speedup": dense / sparse})
             print(f"  {context} tokens, batch {batch}: dense {dense * 1000:.0f} ms/step, "
@@ -226,7 +228,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/sparse-perf"),
                         help="folder for table.md and perf.json")
     args = parser.parse_args()
-    sparse = _sparse_settings(args.sparse)
+    sparse, dense_tokens = _sparse_settings(args.sparse)
     bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
     machine = f"{provenance()['hardware']}, AVX512-BF16: {'yes' if bf16 else 'no'}"
     print(machine, flush=True)
@@ -237,7 +239,8 @@ def main() -> None:
         folder = Path(tmp)
         if not args.skip_steps:
             with _server(folder, "steps", ["--max-total-tokens", str(pool)], sparse) as server:
-                rows = step_times(server, tok, args.contexts, args.batches, args.decode_tokens)
+                rows = step_times(server, tok, args.contexts, args.batches, args.decode_tokens,
+                                  skip=dense_tokens + 1)
         if not args.skip_capacity:
             pool_args = ["--max-total-tokens", str(args.pool_tokens)]
             with _server(folder, "capacity", pool_args, sparse) as s:

@@ -207,8 +207,9 @@ def _decoding_together(server, prompts, tokens, sampling) -> int:
 
 def test_released_room_admits_a_queued_prompt_while_others_decode(tight, tok):
     # 5000 slots hold two 2048-token prompts, not three: densely the third waits for one to
-    # finish (two decode together); sparse requests give their prompts back after their
-    # second step, and the third must be admitted then (three decode together).
+    # finish (two decode together); sparse requests give their prompts back once their dense
+    # answer tokens are out (4, the default), and the third must be admitted then (three
+    # decode together).
     def three(base):
         return [token_prompt(tok, 2048, offset=base + 7_001 * i) for i in range(3)]
 
@@ -256,12 +257,12 @@ def test_a_request_chooses_its_budget_and_shares_the_state(tight, tok):
 def test_a_request_goes_sparse_after_its_dense_answer_tokens(overlap, tight, exact, tok):
     """n output tokens, the first d dense: the prefill gives one, d - 1 decode steps are
     dense, n - d sparse; d is the server's sparse.dense_answer_tokens (``tight``: the
-    default 2, ``exact``: 3) or the request's kvtier_sparse_dense_tokens. Under the
+    default 4, ``exact``: 3) or the request's kvtier_sparse_dense_tokens. Under the
     overlap scheduler (``tight``) the tree's offer may land before or after a request's
     first decode step; converting at the second at the earliest keeps outputs independent
     of that race. Without it (``exact``) the offer is always in time for the first step,
     so a conversion there would show as n - 1 sparse steps at d = 2."""
-    server, default = (tight, 2) if overlap else (exact, 3)
+    server, default = (tight, 4) if overlap else (exact, 3)
     for i, dense in enumerate((None, 2, 5, 8)):
         params = {} if dense is None else {"kvtier_sparse_dense_tokens": dense}
         before = _sparse(server)
@@ -279,6 +280,6 @@ def test_the_named_heads_are_scored_from_their_exact_keys(tight, tok):
     tight.generate(token_prompt(tok, 2048, offset=501_000), 8, ignore_eos=True)
     after = _sparse(tight)
     steps = after["decode_steps"] - before["decode_steps"]
-    assert steps == 8 - 2
+    assert steps == 8 - 4  # the first 4 answer tokens are dense (the default)
     # Three (layer, KV head) pairs, each scored once per sparse step.
     assert after["exact_scored"] - before["exact_scored"] == 3 * steps
