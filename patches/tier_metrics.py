@@ -95,6 +95,8 @@ class SparseMetrics(_Metrics):
         "refused_host_memory": ("kvtier_sparse_refused_host_memory_total",
                                 "Long requests left dense: sparse.host_memory was full"),
         "decode_steps": ("kvtier_sparse_decode_steps_total", "Batches with sparse rows"),
+        "request_steps": ("kvtier_sparse_request_steps_total",
+                          "Tokens decoded sparsely (a sparse row of a batch each)"),
         "selection_seconds": ("kvtier_sparse_selection_seconds_total",
                               "Time spent scoring and choosing chunks"),
         "gathered_bytes": ("kvtier_sparse_gathered_bytes_total",

@@ -143,20 +143,33 @@ def decode_metrics(ref: dict[str, np.ndarray], other: dict[str, np.ndarray],
     dict
         ``steps``; ``top1_agreement`` (fraction of steps whose token is the reference's
         argmax); ``agree_per_step`` (0/1 per step); ``kl_mean``, ``kl_max``,
-        ``kl_per_step`` (nats); ``first_disagreement`` (step from 1, None if none); and
-        ``exact``, ``prefix_fraction`` against ``ref_greedy_ids`` (None without it).
+        ``kl_per_step`` (nats); ``first_disagreement`` (step from 1, None if none);
+        ``margins``: at each disagreeing step, ``[step, nats]`` by which the reference
+        preferred its own top-1 token to the one taken (a lower bound, the reference's
+        top-1 minus its k-th log-probability, where the token taken is outside its top-k);
+        and ``exact``, ``prefix_fraction`` against ``ref_greedy_ids`` (None without it).
     """
     kl = topk_kl(ref, other)
     if len(other_ids) != len(kl):
         raise ValueError(f"{len(other_ids)} tokens for {len(kl)} scored steps")
-    agree = np.asarray(other_ids) == ref["top_ids"][:, 0]
+    taken = np.asarray(other_ids)
+    agree = taken == ref["top_ids"][:, 0]
     greedy = (greedy_metrics(ref_greedy_ids, other_ids) if ref_greedy_ids is not None
               else {"exact": None, "prefix_fraction": None})
     return {"steps": int(len(kl)), "top1_agreement": float(agree.mean()),
             "agree_per_step": agree.astype(int).tolist(), "kl_mean": float(kl.mean()),
             "kl_max": float(kl.max()), "kl_per_step": kl.tolist(),
             "first_disagreement": None if agree.all() else int(np.argmin(agree)) + 1,
-            **greedy}
+            "margins": _margins(ref, taken, agree), **greedy}
+
+
+def _margins(ref: dict[str, np.ndarray], taken: np.ndarray, agree: np.ndarray) -> list:
+    # Near-ties say a disagreement is the reference's own indecision, not a lost token.
+    lp = ref["top_logprobs"].astype(np.float64)
+    hit = ref["top_ids"] == taken[:, None]  # (T, k)
+    taken_lp = np.where(hit.any(1), (hit * lp).sum(1), lp[:, -1])
+    return [[int(t) + 1, round(float(lp[t, 0] - taken_lp[t]), 4)]
+            for t in np.flatnonzero(~agree)]
 
 
 def compare(records: list[dict], folder: Path, work: DecodeAgreementWorkload) -> Iterator[dict]:
@@ -199,6 +212,8 @@ def summarise_decode(records: list[dict]) -> dict[str, dict]:
             "top1_agreement": float(agree.mean()), "disagreements": int((agree == 0).sum()),
             "kl": float(kl.mean()), "kl_max": float(kl.max()),
             "first_disagreement": [r["first_disagreement"] for r in rows],
+            "margins": (sorted(m for r in rows for _, m in r["margins"])
+                        if all("margins" in r for r in rows) else None),  # None: older records
             "greedy_match": sum(exact) / len(exact) if exact else None,
             "agree_by_step": agree.mean(0).tolist(), "kl_by_step": kl.mean(0).tolist(),
             "attention_stats": _stats_of(records, server)}

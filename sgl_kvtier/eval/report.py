@@ -109,9 +109,10 @@ def _agreement_table(agreed: dict[str, dict]) -> list[str]:
 
 def _decode_table(decoded: dict[str, dict]) -> list[str]:
     lines = ["| server | reference | prompts x steps | top-1 agreement | disagreeing steps | "
+             "reference's margin at each (nats, smallest first) | "
              "KL mean (nats) | KL max | first disagreement (step, per prompt) | "
              "greedy identical | decodes in place (multi-run) / gathered |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+             "|---|---|---:|---:|---:|---|---:|---:|---|---:|---|"]
     for server, row in decoded.items():
         first = ", ".join("—" if f is None else str(f) for f in row["first_disagreement"])
         greedy = ("—" if row["greedy_match"] is None
@@ -122,9 +123,19 @@ def _decode_table(decoded: dict[str, dict]) -> list[str]:
                      f"{stats['decode_gathered']}")
         lines.append(f"| {server} | {row['reference']} | {row['prompts']} x "
                      f"{row['steps'] // row['prompts']} | {row['top1_agreement']:.4f} | "
-                     f"{row['disagreements']} | {row['kl']:.3g} | {row['kl_max']:.3g} | "
+                     f"{row['disagreements']} | {_margins(row.get('margins'))} | "
+                     f"{row['kl']:.3g} | {row['kl_max']:.3g} | "
                      f"{first} | {greedy} | {attention} |")
     return lines
+
+
+def _margins(margins: list[float] | None, shown: int = 8) -> str:
+    if margins is None:  # records from before margins were kept
+        return "—"
+    if not margins:
+        return "none"
+    text = ", ".join(f"{m:.2f}" for m in margins[:shown])
+    return text + (f", … ({len(margins) - shown} more)" if len(margins) > shown else "")
 
 
 def _decode_step_table(decoded: dict[str, dict], width: int = 8) -> list[str]:

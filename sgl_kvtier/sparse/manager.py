@@ -55,7 +55,8 @@ class SparseCounters:
     pool_tokens_released: int = 0
     refused_workspace_full: int = 0
     refused_host_memory: int = 0
-    steps: int = 0
+    steps: int = 0  # decode batches with sparse rows
+    request_steps: int = 0  # sparse rows over those batches: tokens decoded sparsely
     build_seconds: float = 0.0
     finished: StepStats = field(default_factory=StepStats)
 
@@ -203,6 +204,7 @@ class SparseManager:
     def step(self, rids: Sequence[str]) -> SparseStep:
         """The decode step of these sparse requests, in this order."""
         self.counters.steps += 1
+        self.counters.request_steps += len(rids)
         return SparseStep([self.requests[r] for r in rids], self.attend)
 
     def host_bytes(self) -> int:
@@ -228,6 +230,7 @@ class SparseManager:
                 "device_bytes": self.device_bytes(),
                 "workspace_used_slots": self.workspace.used_slots,
                 "workspace_slots": self.workspace.slots, "decode_steps": c.steps,
+                "request_steps": c.request_steps,
                 "selection_seconds": round(total.select_seconds, 4),
                 "build_seconds": round(c.build_seconds, 4),
                 "selected_chunks": total.selected_chunks, "missed_chunks": total.missed_chunks,

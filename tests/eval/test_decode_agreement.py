@@ -34,6 +34,20 @@ def test_a_token_other_than_the_references_argmax_is_a_disagreement_at_its_step(
     assert m["first_disagreement"] == 3 and m["top1_agreement"] == pytest.approx(0.8)
     assert m["agree_per_step"] == [1, 1, 0, 1, 1, 1, 1, 0, 1, 1]
     assert not m["exact"] and m["prefix_fraction"] == pytest.approx(0.2)
+    # How much the reference preferred its own token at steps 3 and 8.
+    want = [[t + 1, np.log(p[t].max() / p[t, taken[t]])] for t in (2, 7)]
+    assert [s for s, _ in m["margins"]] == [3, 8]
+    np.testing.assert_allclose([x for _, x in m["margins"]], [x for _, x in want], atol=1e-3)
+
+
+def test_a_token_outside_the_references_top_k_gets_a_lower_bound_margin():
+    p = random_probs(np.random.default_rng(5), t=4)
+    order = np.argsort(-p, axis=-1)
+    taken = order[:, 0].tolist()
+    taken[1] = int(order[1, -1])  # the reference's least likely token: not in its top 3
+    m = decode_metrics(scoring(p, 3), scoring(p, 3), taken, None)
+    bound = np.log(p[1, order[1, 0]] / p[1, order[1, 2]])  # top-1 over the 3rd
+    assert m["margins"][0][0] == 2 and m["margins"][0][1] == pytest.approx(bound, abs=1e-3)
 
 
 def test_step_kl_is_the_exact_kl_when_top_k_covers_the_vocabulary():
@@ -95,10 +109,14 @@ def test_compare_and_summary_from_saved_scorings(tmp_path):
     assert same["attention_stats"]["decode_multi_run"] == 20 and off["attention_stats"] is None
     assert off["top1_agreement"] < 0.5 and off["kl"] > 0.1 and off["greedy_match"] == 0.0
     assert off["disagreements"] == round(48 * (1 - off["top1_agreement"]))
+    assert len(off["margins"]) == off["disagreements"] and same["margins"] == []
+    assert off["margins"] == sorted(off["margins"]) and min(off["margins"]) > 0
     assert len(off["agree_by_step"]) == 24 and len(off["kl_by_step"]) == 24
     assert np.mean(off["kl_by_step"]) == pytest.approx(off["kl"])
     text = markdown("t", {}, [], TAGS, True, decoded=summary)
-    assert "| same | ref | 2 x 24 | 1.0000 | 0 |" in text and "| 1-8 |" in text
+    assert "| same | ref | 2 x 24 | 1.0000 | 0 | none |" in text and "| 1-8 |" in text
+    assert f"| {off['disagreements']} | {off['margins'][0]:.2f}, " in text
+    assert f"({off['disagreements'] - 8} more)" in text
     assert "20 (not kvtier)" not in text and "— (not kvtier)" in text and "30 (20) / 0" in text
 
 

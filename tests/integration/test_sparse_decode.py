@@ -105,8 +105,13 @@ def test_full_budget_sparse_decode_is_dense_decode_in_a_mixed_batch(exact, tok):
     assert got[1].cached_tokens >= 1700  # the prefix cache still serves the document
     for g, d in zip(got, dense):
         assert g.output_ids == d.output_ids
+    # Each long request decodes all but its first 3 tokens (EXACT's dense_answer_tokens)
+    # sparsely, in batches that may hold both: rows counted apart from batches.
+    rows = sum(len(g.output_ids) - 3 for g in got[:2])
+    assert after["request_steps"] == rows and rows / 2 <= after["decode_steps"] <= rows
     metrics = _metrics(exact)
     assert metrics["kvtier_sparse_requests_total"] == 2, metrics
+    assert metrics["kvtier_sparse_request_steps_total"] == rows
     assert metrics["kvtier_sparse_pool_tokens_released_total"] == after["pool_tokens_released"]
     assert metrics["kvtier_sparse_gathered_bytes_total"] == after["gathered_bytes"] > 0
     assert metrics["kvtier_sparse_host_bytes"] == after["host_bytes"] > 0

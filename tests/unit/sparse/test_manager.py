@@ -41,6 +41,9 @@ def test_requests_with_one_document_share_its_state_and_release_their_regions():
     step = manager.step(["a", "b"])
     out, lse = step.run(0, torch.randn(2, H * 2, D), D ** -0.5)
     assert out.shape == (2, H * 2, D) and torch.isfinite(lse).all()
+    manager.step(["b"])
+    report = manager.report()  # two batches, three sparse rows
+    assert (report["decode_steps"], report["request_steps"]) == (2, 3)
     manager.finish("a")
     manager.finish("b")
     assert manager.workspace.used_slots == 0 and manager.report()["active"] == 0
