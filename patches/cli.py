@@ -120,18 +120,30 @@ def _check_sparse(config: KVTierConfig, args: argparse.Namespace) -> None:
         raise ConfigError(f"kvtier config {args.kvtier_config or '(defaults)'}: "
                           f"sparse.kernel: flashinfer needs a GPU; this server runs on "
                           f"--device cpu (use auto or torch)")
-    hf = _local_model_config(args)
+    hf = _model_config(args)
     if hf is None:
-        return  # a hub id: the backend checks the loaded model's config
+        return  # a hub id not downloaded yet: the backend checks the loaded model's config
     if (why := sparse_unfit_reason(hf)) is not None:
         raise ConfigError(f"{where}: cannot serve {args.model_path}: {why}")
     _check_exact_heads(config, args, hf.get("text_config") or hf)
 
 
-def _local_model_config(args: argparse.Namespace) -> dict | None:
-    """The model's config.json when the model is a local folder."""
+def _model_config(args: argparse.Namespace) -> dict | None:
+    """The model's config.json: from its folder, or for a hub id from the Hugging Face
+    cache when it was downloaded before (no network here); None when neither has it."""
     file = Path(str(args.model_path)) / "config.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        file = _cached_hub_file(str(args.model_path), getattr(args, "revision", None))
+    return json.loads(file.read_text()) if file is not None else None
+
+
+def _cached_hub_file(repo: str, revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except ValueError:  # not a hub id (a path that is not a model folder, say)
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def _check_exact_heads(config: KVTierConfig, args: argparse.Namespace, hf: dict) -> None:

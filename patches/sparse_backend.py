@@ -39,7 +39,8 @@ class SparseDecode:
     def _sparse_init(self, model_runner, config) -> None:
         hf = model_runner.model_config.hf_config.to_dict()
         if (why := sparse_unfit_reason(hf)) is not None:
-            # The launch check reads a local config.json; a hub id is only known here.
+            # The launch check reads config.json from the folder or the hub cache; a hub id
+            # not downloaded before launch is only known here.
             raise ConfigError(f"sparse.enabled: cannot serve this model: {why}")
         pool = model_runner.token_to_kv_pool
         k0 = pool.get_key_buffer(0)

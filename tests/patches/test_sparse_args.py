@@ -19,6 +19,13 @@ def test_conflicting_server_arguments_are_named(tmp_path):
     windowed.mkdir()
     (windowed / "config.json").write_text('{"num_hidden_layers": 30, "num_attention_heads": 9, '
                                           '"sliding_window": 4096}')
+    # A hub id downloaded before: its config.json in the Hugging Face cache's layout.
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--someorg--windowed" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((windowed / "config.json").read_text())
+    (hub / "models--someorg--windowed" / "refs").mkdir()
+    (hub / "models--someorg--windowed" / "refs" / "main").write_text("0123abc")
     cases = {"mixed": [str(config), "--enable-mixed-chunk"],
              "page": [str(config), "--page-size", "16"],
              "backend": [str(config), "--attention-backend", "torch_native"],
@@ -27,6 +34,8 @@ def test_conflicting_server_arguments_are_named(tmp_path):
              "gpu": [str(config), "--device", "cuda"],
              "heads": [str(heads), "--model-path", str(model)],
              "window": [str(config), "--model-path", str(windowed)],
+             "hub_window": [str(config), "--model-path", "someorg/windowed"],
+             "hub_unknown": [str(config), "--model-path", "someorg/never-downloaded"],
              "fine": [str(config)]}
     out = python(f"""
         import io, contextlib
@@ -43,7 +52,7 @@ def test_conflicting_server_arguments_are_named(tmp_path):
                 except SystemExit as e:
                     line = str(e.code) + " " + err.getvalue().strip().splitlines()[-1]
             print(name, line, sep="|")
-    """)
+    """, env={"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
     lines = dict(line.split("|", 1) for line in out.stdout.strip().splitlines()
                  if "|" in line)
     assert set(lines) == set(cases), out.stderr[-2000:]
@@ -58,8 +67,12 @@ def test_conflicting_server_arguments_are_named(tmp_path):
                 "heads": "sparse.exact_score_heads: [30, 0] is not a (layer, KV head) of this "
                          "model (30 layers, 3 KV heads)",
                 "window": f"sparse.enabled: cannot serve {windowed}: the model attends "
-                          "through a sliding window (sliding_window: 4096)"}
+                          "through a sliding window (sliding_window: 4096)",
+                "hub_window": "sparse.enabled: cannot serve someorg/windowed: the model "
+                              "attends through a sliding window (sliding_window: 4096)"}
     for name, fragment in expected.items():
         assert lines[name].startswith("2 kvtier config ") and fragment in lines[name], \
             (name, lines[name])
     assert lines["fine"] == "kvtier kvtier"  # the sparse requests' radix cache and backend
+    # Not in the cache: left to the backend, which checks the loaded model's config.
+    assert lines["hub_unknown"] == "kvtier kvtier"
